@@ -1,0 +1,36 @@
+//! Command line: `serve`, `check-config`, `classify`, `demo`, `eval`.
+//! Each subcommand's arguments and body live in a file of their own.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+pub mod eval;
+
+#[derive(Debug, Parser)]
+#[command(name = "carewall", version, about = "Streaming moderation gateway for mental-health support chat")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Evaluate the classifier on labelled JSONL (the `dev.jsonl` format).
+    Eval(eval::EvalArgs),
+}
+
+/// Parse the command line and run the chosen subcommand.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Eval(args) => eval::run(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

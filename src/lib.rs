@@ -1,0 +1,5 @@
+//! carewall: an OpenAI-compatible streaming moderation gateway for
+//! mental-health support chat. See `ARCHITECTURE.md` for the code map.
+
+pub mod classifier;
+pub mod cli;
