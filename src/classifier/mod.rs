@@ -169,3 +169,20 @@ pub trait Classifier: Send + Sync + 'static {
 
 mod settings;
 pub use settings::{ClassifierKind, ClassifierSettings};
+
+/// Why a classifier could not be built (bad model folder, missing ONNX
+/// Runtime library, ...). Messages name the path and the fix.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct BuildError(pub String);
+
+/// Build the classifier the settings ask for.
+pub fn build(settings: &ClassifierSettings) -> Result<std::sync::Arc<dyn Classifier>, BuildError> {
+    match settings.kind {
+        ClassifierKind::Onnx => Err(BuildError(format!(
+            "the ONNX classifier is not built into this binary yet (model_dir {})",
+            settings.model_dir.display()
+        ))),
+        ClassifierKind::Keyword => Err(BuildError("the keyword classifier is not built yet".into())),
+    }
+}

@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# Idempotent set-up for a fresh machine: everything the demo and the tests need.
+#   - ONNX Runtime's shared library, taken from the PyPI `onnxruntime` wheel
+#     (no CDN download: ort is built with `load-dynamic`);
+#   - Python packages the black-box tests use (`openai`, ...);
+#   - Debian's Chromium + ChromeDriver for the console's browser test (only with --browser).
+# Safe to run repeatedly; each step is skipped when already done.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+ORT_VERSION=1.31.1
+ORT_DIR=.cache/onnxruntime
+ORT_LIB="$ORT_DIR/libonnxruntime.so"
+
+want_browser=0
+for a in "$@"; do
+  case "$a" in
+    --browser) want_browser=1 ;;
+    *) echo "setup.sh: unknown argument '$a' (known: --browser)" >&2; exit 2 ;;
+  esac
+done
+
+if [ ! -s "$ORT_LIB" ]; then
+  echo "setup: fetching libonnxruntime.so from the PyPI wheel onnxruntime==$ORT_VERSION"
+  tmp=$(mktemp -d)
+  python3 -m pip download --quiet --no-deps --only-binary=:all: \
+    --platform manylinux_2_28_x86_64 --python-version 3.11 \
+    -d "$tmp" "onnxruntime==$ORT_VERSION"
+  whl=$(ls "$tmp"/onnxruntime-*.whl)
+  mkdir -p "$ORT_DIR"
+  python3 - "$whl" "$ORT_DIR" <<'PY'
+import sys, zipfile, os
+whl, out = sys.argv[1], sys.argv[2]
+with zipfile.ZipFile(whl) as z:
+    names = [n for n in z.namelist() if "/capi/libonnxruntime.so" in n]
+    if not names:
+        sys.exit(f"setup: no libonnxruntime.so inside {whl}")
+    src = sorted(names, key=len)[-1]
+    data = z.read(src)
+with open(os.path.join(out, "libonnxruntime.so"), "wb") as f:
+    f.write(data)
+print(f"setup: wrote {out}/libonnxruntime.so ({len(data)//1024//1024} MiB) from {src}")
+PY
+  rm -rf "$tmp"
+fi
+
+if [ -f tests/requirements.txt ]; then
+  python3 -m pip install --quiet --disable-pip-version-check -r tests/requirements.txt
+fi
+
+if [ "$want_browser" = 1 ] && ! command -v chromium >/dev/null 2>&1; then
+  echo "setup: installing Debian chromium + chromium-driver"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null
+fi
+
+echo "setup: done (ORT_DYLIB_PATH=$PWD/$ORT_LIB)"
