@@ -1,5 +1,6 @@
 //! carewall: an OpenAI-compatible streaming moderation gateway for
 //! mental-health support chat. See `ARCHITECTURE.md` for the code map.
 
+pub mod audit;
 pub mod classifier;
 pub mod cli;

@@ -1,0 +1,392 @@
+//! Record types: [`AuditRecord`] is what the gateway fills (plain text, raw
+//! conversation key); [`StoredRecord`] is what the store holds (text sealed,
+//! conversation key hashed); [`RecordView`] is what the review API shows.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+use crate::classifier::{Category, Scores};
+
+use super::crypto::{CryptoError, Keyring};
+use super::pseudonym::Pseudonymizer;
+use super::redact::redact;
+use super::settings::TextMode;
+
+/// Action name of a response that the policy let through untouched; every
+/// other action counts as flagged.
+pub const ALLOW: &str = "allow";
+
+/// Latency figures of one request, in milliseconds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct Latency {
+    /// Time spent in the classifier (queue + inference) for this response.
+    pub classifier_ms: Option<f64>,
+    /// Delay the gateway added on top of the upstream (what the client felt).
+    pub added_ms: Option<f64>,
+    /// Upstream time to the last byte.
+    pub upstream_ms: Option<f64>,
+}
+
+/// One audited response, as the gateway fills it. Plain text lives here only
+/// in memory: the sink's writer redacts and encrypts it before storage.
+#[derive(Clone)]
+pub struct AuditRecord {
+    /// Equals the response's `x-carewall-request-id` header.
+    pub request_id: String,
+    /// When the decision was made.
+    pub time: SystemTime,
+    /// Tenant / client key id (never the key itself).
+    pub tenant: Option<String>,
+    /// Raw conversation key (OpenAI `user` field or a header). Hashed with
+    /// the pseudonym key before storage; never stored, never logged.
+    pub conversation_key: Option<String>,
+    /// Model name the client asked for.
+    pub model: String,
+    /// Name and version of the policy that decided.
+    pub policy_name: String,
+    pub policy_version: String,
+    /// How the response was moderated, e.g. `buffered`, `streaming`.
+    pub streaming: String,
+    /// All 8 probabilities.
+    pub scores: Scores,
+    /// The category that triggered the action (the top one when allowed).
+    pub category: Category,
+    /// Threshold of that category's rule when the decision was made.
+    pub threshold: Option<f32>,
+    /// Policy action taken or, in shadow mode, that would have been taken:
+    /// `allow`, `flag`, `block`, `replace`, ...
+    pub action: String,
+    /// True when the policy ran in shadow mode (the action was not enforced).
+    pub shadow: bool,
+    pub latency: Latency,
+    /// `[seeker]...[supporter]...` context, as classified.
+    pub context: String,
+    /// `[supporter]` + the reply, as classified.
+    pub response: String,
+}
+
+impl std::fmt::Debug for AuditRecord {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Text and the raw conversation key stay out of Debug output so a
+        // stray `{:?}` cannot leak them into a log.
+        f.debug_struct("AuditRecord")
+            .field("request_id", &self.request_id)
+            .field("category", &self.category)
+            .field("action", &self.action)
+            .field("shadow", &self.shadow)
+            .finish_non_exhaustive()
+    }
+}
+
+impl AuditRecord {
+    /// True when the action is anything but `allow`.
+    pub fn is_flagged(&self) -> bool {
+        self.action != ALLOW
+    }
+}
+
+/// A counsellor's verdict on one record.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Review {
+    /// The category the reviewer says is right.
+    pub label: Category,
+    pub note: Option<String>,
+    pub reviewer: String,
+    /// Milliseconds since the Unix epoch.
+    pub time_ms: i64,
+}
+
+/// Text as stored: the mode it was recorded under and, unless `none`, the
+/// sealed JSON `{"context","response"}`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredText {
+    pub mode: TextMode,
+    pub key_id: Option<String>,
+    pub nonce: Option<Vec<u8>>,
+    pub ciphertext: Option<Vec<u8>>,
+}
+
+/// One row of the audit table.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredRecord {
+    pub request_id: String,
+    /// Milliseconds since the Unix epoch.
+    pub time_ms: i64,
+    pub tenant: Option<String>,
+    /// `c_` + 32 hex digits, see [`Pseudonymizer`].
+    pub conversation_id: Option<String>,
+    pub model: String,
+    pub policy_name: String,
+    pub policy_version: String,
+    pub streaming: String,
+    pub scores: Scores,
+    pub category: Category,
+    pub threshold: Option<f32>,
+    pub action: String,
+    pub shadow: bool,
+    pub latency: Latency,
+    pub text: StoredText,
+    pub review: Option<Review>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct TextPayload {
+    context: String,
+    response: String,
+}
+
+/// Milliseconds since the Unix epoch (0 for times before it).
+pub fn unix_ms(t: SystemTime) -> i64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+/// RFC 3339 UTC with milliseconds, e.g. `2026-11-27T05:00:00.000Z`.
+pub fn rfc3339(ms: i64) -> String {
+    let t = UNIX_EPOCH + Duration::from_millis(u64::try_from(ms).unwrap_or(0));
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
+impl StoredRecord {
+    /// Prepare `r` for storage: hash the conversation key, apply the text
+    /// mode, encrypt. `keyring` must be present unless `mode` is `None`.
+    pub fn seal(
+        r: AuditRecord,
+        mode: TextMode,
+        keyring: Option<&Keyring>,
+        pseudonymizer: Option<&Pseudonymizer>,
+    ) -> Result<StoredRecord, CryptoError> {
+        let conversation_id = match (pseudonymizer, &r.conversation_key) {
+            (Some(p), Some(raw)) => Some(p.conversation_id(r.tenant.as_deref(), raw)),
+            _ => None,
+        };
+        let text = match (mode, keyring) {
+            (TextMode::None, _) => StoredText {
+                mode: TextMode::None,
+                key_id: None,
+                nonce: None,
+                ciphertext: None,
+            },
+            (_, None) => {
+                return Err(CryptoError::BadKey(
+                    "audit text requested without an encryption key".into(),
+                ))
+            }
+            (m, Some(ring)) => {
+                let payload = if m == TextMode::Redacted {
+                    TextPayload {
+                        context: redact(&r.context),
+                        response: redact(&r.response),
+                    }
+                } else {
+                    TextPayload {
+                        context: r.context,
+                        response: r.response,
+                    }
+                };
+                let json = serde_json::to_vec(&payload).map_err(|_| CryptoError::Encrypt)?;
+                let s = ring.seal(r.request_id.as_bytes(), &json)?;
+                StoredText {
+                    mode: m,
+                    key_id: Some(s.key_id),
+                    nonce: Some(s.nonce),
+                    ciphertext: Some(s.ciphertext),
+                }
+            }
+        };
+        Ok(StoredRecord {
+            request_id: r.request_id,
+            time_ms: unix_ms(r.time),
+            tenant: r.tenant,
+            conversation_id,
+            model: r.model,
+            policy_name: r.policy_name,
+            policy_version: r.policy_version,
+            streaming: r.streaming,
+            scores: r.scores,
+            category: r.category,
+            threshold: r.threshold,
+            action: r.action,
+            shadow: r.shadow,
+            latency: r.latency,
+            text,
+            review: None,
+        })
+    }
+
+    /// Decrypt the text. `Ok(None)` when none was stored.
+    pub fn open_text(
+        &self,
+        keyring: Option<&Keyring>,
+    ) -> Result<Option<(String, String)>, CryptoError> {
+        let (Some(key_id), Some(nonce), Some(ct)) =
+            (&self.text.key_id, &self.text.nonce, &self.text.ciphertext)
+        else {
+            return Ok(None);
+        };
+        let Some(ring) = keyring else {
+            return Err(CryptoError::BadKey(format!(
+                "record text is encrypted with key id `{key_id}` but no key is loaded; set CAREWALL__AUDIT__ENCRYPTION_KEY or pass --key"
+            )));
+        };
+        let pt = ring.open(key_id, nonce, ct, self.request_id.as_bytes())?;
+        let p: TextPayload = serde_json::from_slice(&pt).map_err(|_| CryptoError::Decrypt {
+            key_id: key_id.clone(),
+        })?;
+        Ok(Some((p.context, p.response)))
+    }
+
+    /// The API / CLI view. Text is included when `text` is given.
+    pub fn view(&self, text: Option<(String, String)>, text_error: Option<String>) -> RecordView {
+        let (context, response) = match text {
+            Some((c, r)) => (Some(c), Some(r)),
+            None => (None, None),
+        };
+        RecordView {
+            request_id: self.request_id.clone(),
+            time: rfc3339(self.time_ms),
+            time_ms: self.time_ms,
+            tenant: self.tenant.clone(),
+            conversation_id: self.conversation_id.clone(),
+            model: self.model.clone(),
+            policy_name: self.policy_name.clone(),
+            policy_version: self.policy_version.clone(),
+            streaming: self.streaming.clone(),
+            scores: Category::ALL
+                .iter()
+                .map(|c| (c.key().to_string(), score_json(self.scores.get(*c))))
+                .collect(),
+            category: self.category,
+            threshold: self.threshold,
+            action: self.action.clone(),
+            shadow: self.shadow,
+            latency: self.latency,
+            text_mode: self.text.mode.as_str(),
+            key_id: self.text.key_id.clone(),
+            context,
+            response,
+            text_error,
+            review: self.review.clone().map(|r| ReviewView {
+                label: r.label,
+                label_id: r.label.id(),
+                note: r.note,
+                reviewer: r.reviewer,
+                time: rfc3339(r.time_ms),
+            }),
+        }
+    }
+}
+
+/// f32 -> JSON number without float noise (0.8, not 0.800000011920929).
+fn score_json(p: f32) -> serde_json::Value {
+    let rounded = (f64::from(p) * 1e6).round() / 1e6;
+    serde_json::Number::from_f64(rounded).map_or(serde_json::Value::Null, serde_json::Value::Number)
+}
+
+/// A record as the review API and CLI show it.
+#[derive(Debug, Clone, Serialize)]
+pub struct RecordView {
+    pub request_id: String,
+    /// RFC 3339 UTC.
+    pub time: String,
+    pub time_ms: i64,
+    pub tenant: Option<String>,
+    pub conversation_id: Option<String>,
+    pub model: String,
+    pub policy_name: String,
+    pub policy_version: String,
+    pub streaming: String,
+    /// Category key -> probability, in label order.
+    pub scores: serde_json::Map<String, serde_json::Value>,
+    pub category: Category,
+    pub threshold: Option<f32>,
+    pub action: String,
+    pub shadow: bool,
+    pub latency: Latency,
+    pub text_mode: &'static str,
+    pub key_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub context: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub response: Option<String>,
+    /// Why the text could not be shown (e.g. a missing key), if so.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub text_error: Option<String>,
+    pub review: Option<ReviewView>,
+}
+
+/// A review as shown.
+#[derive(Debug, Clone, Serialize)]
+pub struct ReviewView {
+    pub label: Category,
+    pub label_id: usize,
+    pub note: Option<String>,
+    pub reviewer: String,
+    pub time: String,
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::audit::crypto::Key;
+
+    pub(crate) fn sample() -> AuditRecord {
+        AuditRecord {
+            request_id: "req-1".into(),
+            time: UNIX_EPOCH + Duration::from_millis(1_700_000_000_123),
+            tenant: Some("tenant-a".into()),
+            conversation_key: Some("user-42".into()),
+            model: "gpt-4o-mini".into(),
+            policy_name: "default".into(),
+            policy_version: "3".into(),
+            streaming: "buffered".into(),
+            scores: Scores([0.01, 0.02, 0.03, 0.04, 0.8, 0.05, 0.02, 0.03]),
+            category: Category::ToxicLanguage,
+            threshold: Some(0.5),
+            action: "block".into(),
+            shadow: false,
+            latency: Latency {
+                classifier_ms: Some(12.5),
+                added_ms: Some(14.0),
+                upstream_ms: Some(800.0),
+            },
+            context: "[seeker]我的电话是13812345678".into(),
+            response: "[supporter]你真没用".into(),
+        }
+    }
+
+    #[test]
+    fn seal_redacts_encrypts_and_hashes() {
+        let ring = Keyring::new(Key::from_bytes(&[5; 32]));
+        let p = Pseudonymizer::new([6; 32]);
+        let s = StoredRecord::seal(sample(), TextMode::Redacted, Some(&ring), Some(&p)).unwrap();
+        assert_eq!(s.time_ms, 1_700_000_000_123);
+        let cid = s.conversation_id.clone().unwrap();
+        assert!(!cid.contains("user-42"));
+        let ct = s.text.ciphertext.clone().unwrap();
+        assert!(!ct.windows(11).any(|w| w == b"13812345678"));
+        let (c, r) = s.open_text(Some(&ring)).unwrap().unwrap();
+        assert_eq!(c, "[seeker]我的电话是[PHONE]");
+        assert_eq!(r, "[supporter]你真没用");
+        let v = s.view(None, None);
+        assert_eq!(v.time, "2023-11-14T22:13:20.123Z");
+        assert!(format!("{:?}", sample()).contains("req-1"));
+        assert!(!format!("{:?}", sample()).contains("没用"));
+    }
+
+    #[test]
+    fn none_mode_stores_no_text_and_full_keeps_it() {
+        let ring = Keyring::new(Key::from_bytes(&[5; 32]));
+        let s = StoredRecord::seal(sample(), TextMode::None, Some(&ring), None).unwrap();
+        assert!(s.text.ciphertext.is_none() && s.conversation_id.is_none());
+        assert_eq!(s.open_text(Some(&ring)).unwrap(), None);
+        let s = StoredRecord::seal(sample(), TextMode::Full, Some(&ring), None).unwrap();
+        let (c, _) = s.open_text(Some(&ring)).unwrap().unwrap();
+        assert!(c.contains("13812345678"));
+        let err = s.open_text(None).unwrap_err().to_string();
+        assert!(err.contains("no key is loaded"), "{err}");
+    }
+}
