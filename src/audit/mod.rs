@@ -20,6 +20,7 @@ pub mod pseudonym;
 pub mod record;
 pub mod redact;
 pub mod settings;
+pub mod store;
 
 pub use crypto::{CryptoError, Keyring};
 pub use pseudonym::Pseudonymizer;
@@ -28,3 +29,4 @@ pub use settings::{
     AdminSettings, AuditSettings, Overflow, RawAdminSection, RawAuditSection, SettingsError,
     StoreUrl, TextMode,
 };
+pub use store::{open_store, AuditStore, ListFilter, Page, StoreError};

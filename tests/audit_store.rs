@@ -1,0 +1,271 @@
+//! The store contract, run against SQLite (a real file) and against the real
+//! PostgreSQL server named by `CAREWALL_TEST_POSTGRES_URL`.
+#![allow(clippy::unwrap_used)]
+
+mod audit_common;
+
+use std::collections::HashSet;
+
+use audit_common::*;
+use carewall::audit::crypto::Key;
+use carewall::audit::store::{ListFilter, SqliteStore};
+use carewall::audit::{AuditStore, CryptoError, Keyring, Review, TextMode};
+use carewall::classifier::Category;
+
+const N: usize = 40;
+
+/// Everything a store must do, on any backend.
+async fn contract(store: &dyn AuditStore) {
+    // Insert in two batches; a repeated batch inserts nothing.
+    let records: Vec<_> = (0..N).map(|i| sealed(i, TextMode::Redacted)).collect();
+    assert_eq!(store.insert_batch(&records[..25]).await.unwrap(), 25);
+    assert_eq!(store.insert_batch(&records[20..]).await.unwrap(), 15);
+    assert_eq!(store.insert_batch(&records[..5]).await.unwrap(), 0);
+
+    // get round-trips every field.
+    let got = store.get("req-0007").await.unwrap().unwrap();
+    assert_eq!(got, records[7]);
+    assert!(store.get("nope").await.unwrap().is_none());
+
+    // Paging: newest first, every record exactly once.
+    let mut seen = Vec::new();
+    let mut f = ListFilter {
+        limit: 7,
+        ..ListFilter::default()
+    };
+    loop {
+        let page = store.list(&f).await.unwrap();
+        assert!(page.items.len() <= 7);
+        seen.extend(page.items.iter().map(|r| r.request_id.clone()));
+        match page.next_cursor {
+            Some(c) => f.cursor = Some(c),
+            None => break,
+        }
+    }
+    let want: Vec<String> = (0..N).rev().map(|i| format!("req-{i:04}")).collect();
+    assert_eq!(seen, want);
+
+    // Filters, each checked against the same predicate on the samples.
+    let all = |f: ListFilter| async move {
+        let mut f = ListFilter { limit: 500, ..f };
+        f.limit = 500;
+        store.list(&f).await.unwrap().items
+    };
+    let by_cat = all(ListFilter {
+        category: Some(Category::ToxicLanguage),
+        ..ListFilter::default()
+    })
+    .await;
+    assert_eq!(by_cat.len(), N / 8);
+    assert!(by_cat.iter().all(|r| r.category == Category::ToxicLanguage));
+    let allowed = all(ListFilter {
+        action: Some("allow".into()),
+        ..ListFilter::default()
+    })
+    .await;
+    assert_eq!(allowed.len(), N / 4);
+    let shadow = all(ListFilter {
+        shadow: Some(true),
+        action: Some("block".into()),
+        ..ListFilter::default()
+    })
+    .await;
+    let want_shadow = (0..N).filter(|i| i % 3 == 0 && i % 4 != 3).count();
+    assert_eq!(shadow.len(), want_shadow);
+    let window = all(ListFilter {
+        since_ms: Some(T0 + 10_000),
+        until_ms: Some(T0 + 20_000),
+        ..ListFilter::default()
+    })
+    .await;
+    let ids: HashSet<_> = window.iter().map(|r| r.request_id.as_str()).collect();
+    assert_eq!(ids.len(), 10, "since inclusive, until exclusive");
+    assert!(ids.contains("req-0010") && !ids.contains("req-0020"));
+    let conv = records[4].conversation_id.clone().unwrap();
+    let by_conv = all(ListFilter {
+        conversation_id: Some(conv.clone()),
+        ..ListFilter::default()
+    })
+    .await;
+    assert_eq!(by_conv.len(), (0..N).filter(|i| i % 3 == 4 % 3).count());
+
+    // Reviews.
+    let review = Review {
+        label: Category::UnamiableJudgment,
+        note: Some("harsh tone".into()),
+        reviewer: "counsellor-1".into(),
+        time_ms: T0 + 99_000,
+    };
+    assert!(store.review("req-0004", &review).await.unwrap());
+    assert!(!store.review("nope", &review).await.unwrap());
+    let second = Review {
+        label: Category::SafeResponse,
+        note: None,
+        reviewer: "counsellor-2".into(),
+        time_ms: T0 + 100_000,
+    };
+    assert!(store.review("req-0005", &second).await.unwrap());
+    assert_eq!(
+        store.get("req-0004").await.unwrap().unwrap().review,
+        Some(review)
+    );
+    let reviewed = all(ListFilter {
+        reviewed: Some(true),
+        ..ListFilter::default()
+    })
+    .await;
+    assert_eq!(
+        reviewed
+            .iter()
+            .map(|r| r.request_id.as_str())
+            .collect::<Vec<_>>(),
+        ["req-0005", "req-0004"]
+    );
+    let unreviewed = all(ListFilter {
+        reviewed: Some(false),
+        ..ListFilter::default()
+    })
+    .await;
+    assert_eq!(unreviewed.len(), N - 2);
+
+    // Counts.
+    let counts = store.group_counts().await.unwrap();
+    assert_eq!(counts.iter().map(|c| c.total).sum::<u64>(), N as u64);
+    assert_eq!(counts.iter().map(|c| c.reviewed).sum::<u64>(), 2);
+    let toxic_block: u64 = counts
+        .iter()
+        .filter(|c| c.category == Category::ToxicLanguage && c.action == "block")
+        .map(|c| c.total)
+        .sum();
+    assert_eq!(
+        toxic_block,
+        (0..N).filter(|i| i % 8 == 4 && i % 4 != 3).count() as u64
+    );
+
+    // Text opens with the key only.
+    let (ctx, resp) = got.open_text(Some(&keyring())).unwrap().unwrap();
+    assert!(
+        ctx.contains("secret-context-7") && ctx.contains("[PHONE]"),
+        "{ctx}"
+    );
+    assert!(resp.contains("secret-response-7"));
+    let wrong = Keyring::new(Key::from_bytes(&[1; 32]));
+    let err = got.open_text(Some(&wrong)).unwrap_err();
+    assert!(matches!(err, CryptoError::UnknownKey { .. }), "{err}");
+
+    // Purge: records before T0+30s go.
+    assert_eq!(store.purge_before(T0 + 30_000).await.unwrap(), 30);
+    assert_eq!(all(ListFilter::default()).await.len(), N - 30);
+    assert!(store.get("req-0004").await.unwrap().is_none());
+}
+
+#[tokio::test]
+async fn sqlite_store_contract_and_encryption_at_rest() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.db");
+    let store = SqliteStore::open(&path).await.unwrap();
+    assert_eq!(store.journal_mode().await.unwrap(), "wal");
+    contract(&store).await;
+    assert_eq!(store.integrity_check().await.unwrap(), "ok");
+    // Write one more and check no plaintext reaches the file or its WAL.
+    store
+        .insert_batch(&[sealed(100, TextMode::Full)])
+        .await
+        .unwrap();
+    store.close().await.unwrap();
+    let mut bytes = std::fs::read(&path).unwrap();
+    if let Ok(wal) = std::fs::read(dir.path().join("audit.db-wal")) {
+        bytes.extend(wal);
+    }
+    assert!(contains(&bytes, b"req-0100"), "the row is there");
+    for needle in [
+        "secret-context-100",
+        "secret-response-100",
+        "13812345678",
+        "user-1",
+    ] {
+        assert!(
+            !contains(&bytes, needle.as_bytes()),
+            "{needle} stored in clear"
+        );
+    }
+    // Reopening runs migrations again harmlessly and keeps the data.
+    let again = SqliteStore::open(&path).await.unwrap();
+    let r = again.get("req-0100").await.unwrap().unwrap();
+    let (ctx, _) = r.open_text(Some(&keyring())).unwrap().unwrap();
+    assert!(ctx.contains("13812345678"), "full mode keeps the number");
+    assert_eq!(
+        again.get("req-0035").await.unwrap().unwrap().request_id,
+        "req-0035"
+    );
+}
+
+#[tokio::test]
+async fn sqlite_open_errors_are_clear() {
+    let err = SqliteStore::open(std::path::Path::new("/nonexistent-dir/x/audit.db"))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("/nonexistent-dir/x") && err.contains("does not exist"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn postgres_store_contract_and_encryption_at_rest() {
+    let Some(url) = pg_url("postgres_store_contract_and_encryption_at_rest") else {
+        return;
+    };
+    let schema = unique_schema("store");
+    let store = pg_store(&url, &schema).await;
+    assert_eq!(store.backend(), "postgres");
+    contract(store.as_ref()).await;
+    store
+        .insert_batch(&[sealed(100, TextMode::Full)])
+        .await
+        .unwrap();
+    // Every column of every row, as PostgreSQL renders it.
+    {
+        use sqlx::Connection as _;
+        let mut c = sqlx::PgConnection::connect(&url).await.unwrap();
+        let rows: Vec<(String,)> =
+            sqlx::query_as(&format!("SELECT t::text FROM \"{schema}\".audit_records t"))
+                .fetch_all(&mut c)
+                .await
+                .unwrap();
+        let dump = rows.into_iter().map(|r| r.0).collect::<String>();
+        assert!(dump.contains("req-0100"));
+        for needle in [
+            "secret-context-100",
+            "secret-response-100",
+            "13812345678",
+            "user-1",
+        ] {
+            assert!(!dump.contains(needle), "{needle} stored in clear");
+        }
+    }
+    // A second connection migrates harmlessly and sees the data.
+    let again = pg_store(&url, &schema).await;
+    assert!(again.get("req-0100").await.unwrap().is_some());
+    store.close().await.unwrap();
+    again.close().await.unwrap();
+    drop_schema(&url, &schema).await;
+}
+
+#[tokio::test]
+async fn postgres_connect_errors_hide_the_password() {
+    let err = carewall::audit::store::PostgresStore::connect(
+        "postgres://someone:hunter2@127.0.0.1:1/none",
+        None,
+    )
+    .await
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("someone:***@127.0.0.1:1"), "{err}");
+    assert!(!err.contains("hunter2"));
+}
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}
