@@ -20,6 +20,7 @@ pub mod pseudonym;
 pub mod record;
 pub mod redact;
 pub mod settings;
+pub mod sink;
 pub mod store;
 
 pub use crypto::{CryptoError, Keyring};
@@ -29,4 +30,5 @@ pub use settings::{
     AdminSettings, AuditSettings, Overflow, RawAdminSection, RawAuditSection, SettingsError,
     StoreUrl, TextMode,
 };
+pub use sink::{AuditSink, AuditStats, SinkOptions, SubmitOutcome};
 pub use store::{open_store, AuditStore, ListFilter, Page, StoreError};
