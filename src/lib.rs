@@ -1,6 +1,7 @@
 //! carewall: an OpenAI-compatible streaming moderation gateway for
 //! mental-health support chat. See `ARCHITECTURE.md` for the code map.
 
+pub mod admin;
 pub mod audit;
 pub mod classifier;
 pub mod cli;

@@ -22,6 +22,7 @@ pub mod redact;
 pub mod settings;
 pub mod sink;
 pub mod store;
+pub mod summary;
 
 pub use crypto::{CryptoError, Keyring};
 pub use pseudonym::Pseudonymizer;

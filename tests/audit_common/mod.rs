@@ -117,3 +117,52 @@ pub async fn drop_schema(url: &str, schema: &str) {
         let _ = c.close().await;
     }
 }
+
+/// The admin token the HTTP tests use.
+pub const TOKEN: &str = "test-admin-token-0123456789";
+
+/// Serve the admin handler on 127.0.0.1:0 with hyper, like the gateway
+/// does. Returns the base URL; the server lives until the runtime ends.
+pub async fn serve_admin(state: carewall::admin::AdminState) -> String {
+    use hyper::service::service_fn;
+    use hyper_util::rt::TokioIo;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let state = Arc::new(state);
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            let state = state.clone();
+            tokio::spawn(async move {
+                let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                    let state = state.clone();
+                    async move {
+                        let resp = if carewall::admin::matches(req.uri().path()) {
+                            carewall::admin::handle(req, &state).await
+                        } else {
+                            let mut r = hyper::Response::new(http_body_util::Full::new(
+                                bytes::Bytes::from_static(b"not found"),
+                            ));
+                            *r.status_mut() = hyper::StatusCode::NOT_FOUND;
+                            r
+                        };
+                        Ok::<_, std::convert::Infallible>(resp)
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    format!("http://{addr}")
+}
+
+/// Admin settings holding [`TOKEN`].
+pub fn admin_settings() -> carewall::audit::AdminSettings {
+    carewall::audit::AdminSettings {
+        token: Some(TOKEN.to_string()),
+    }
+}

@@ -1,0 +1,376 @@
+//! Review API handlers. Each takes parsed inputs and the state, returns a
+//! response or an [`AdminError`]; HTTP mapping happens in `super`.
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Response, StatusCode};
+use http_body_util::Full;
+use serde::Deserialize;
+
+use super::{bytes_response, json_response, AdminError, AdminState};
+use crate::audit::record::{unix_ms, Review, StoredRecord};
+use crate::audit::store::{all_reviewed, Cursor, ListFilter, MAX_LIMIT};
+use crate::audit::summary::summarize;
+use crate::classifier::Category;
+
+type Resp = Result<Response<Full<Bytes>>, AdminError>;
+
+const LIST_PARAMS: &[&str] = &[
+    "limit",
+    "category",
+    "action",
+    "shadow",
+    "reviewed",
+    "since",
+    "until",
+    "conversation_id",
+    "cursor",
+    "text",
+];
+const EXPORT_PARAMS: &[&str] = &["since", "until"];
+
+/// Parse a query string strictly: known keys only, each at most once.
+fn params(query: &str, known: &[&str]) -> Result<Vec<(String, String)>, AdminError> {
+    let mut out: Vec<(String, String)> = Vec::new();
+    for (k, v) in form_urlencoded::parse(query.as_bytes()) {
+        if !known.contains(&k.as_ref()) {
+            return Err(AdminError::BadRequest(format!(
+                "unknown query parameter `{k}`; known: {}",
+                known.join(", ")
+            )));
+        }
+        if out.iter().any(|(seen, _)| seen == &k) {
+            return Err(AdminError::BadRequest(format!(
+                "query parameter `{k}` given more than once"
+            )));
+        }
+        out.push((k.into_owned(), v.into_owned()));
+    }
+    Ok(out)
+}
+
+fn parse_bool(key: &str, v: &str) -> Result<bool, AdminError> {
+    match v {
+        "true" | "1" => Ok(true),
+        "false" | "0" => Ok(false),
+        _ => Err(AdminError::BadRequest(format!(
+            "`{key}`: expected true or false, got `{v}`"
+        ))),
+    }
+}
+
+/// Milliseconds since the epoch, or RFC 3339 UTC (`2026-01-31T12:00:00Z`),
+/// or a date (`2026-01-31`, midnight UTC).
+fn parse_time(key: &str, v: &str) -> Result<i64, AdminError> {
+    if let Ok(ms) = v.parse::<i64>() {
+        return Ok(ms);
+    }
+    let text = if v.len() == 10 {
+        format!("{v}T00:00:00Z")
+    } else {
+        v.to_string()
+    };
+    humantime::parse_rfc3339_weak(&text)
+        .map(unix_ms)
+        .map_err(|_| {
+            AdminError::BadRequest(format!(
+                "`{key}`: expected RFC 3339 UTC time (2026-01-31T12:00:00Z), a date (2026-01-31) or milliseconds since the epoch, got `{v}`"
+            ))
+        })
+}
+
+/// Category from its key (`toxic_language`), name (`Toxic Language`) or
+/// label id (`4`).
+fn parse_category(key: &str, v: &str) -> Result<Category, AdminError> {
+    v.parse::<usize>()
+        .ok()
+        .and_then(Category::from_id)
+        .or_else(|| Category::parse(v))
+        .ok_or_else(|| {
+            AdminError::BadRequest(format!(
+                "`{key}`: unknown category `{v}`; use a label id 0-7 or one of {}",
+                Category::ALL.map(|c| c.key()).join(", ")
+            ))
+        })
+}
+
+fn parse_filter(query: &str) -> Result<(ListFilter, bool), AdminError> {
+    let mut f = ListFilter {
+        limit: 50,
+        ..ListFilter::default()
+    };
+    let mut text = true;
+    for (k, v) in params(query, LIST_PARAMS)? {
+        match k.as_str() {
+            "limit" => {
+                f.limit = v
+                    .parse::<u32>()
+                    .ok()
+                    .filter(|n| (1..=MAX_LIMIT).contains(n))
+                    .ok_or_else(|| {
+                        AdminError::BadRequest(format!(
+                            "`limit`: expected an integer in 1..={MAX_LIMIT}, got `{v}`"
+                        ))
+                    })?
+            }
+            "category" => f.category = Some(parse_category("category", &v)?),
+            "action" => {
+                if v.is_empty()
+                    || v.len() > 32
+                    || !v.chars().all(|c| c.is_ascii_lowercase() || c == '_')
+                {
+                    return Err(AdminError::BadRequest(format!(
+                        "`action`: expected an action name such as allow, flag, block, got `{v}`"
+                    )));
+                }
+                f.action = Some(v)
+            }
+            "shadow" => f.shadow = Some(parse_bool("shadow", &v)?),
+            "reviewed" => f.reviewed = Some(parse_bool("reviewed", &v)?),
+            "since" => f.since_ms = Some(parse_time("since", &v)?),
+            "until" => f.until_ms = Some(parse_time("until", &v)?),
+            "conversation_id" => f.conversation_id = Some(v),
+            "cursor" => {
+                f.cursor =
+                    Some(Cursor::decode(&v).map_err(|e| AdminError::BadRequest(e.to_string()))?)
+            }
+            "text" => text = parse_bool("text", &v)?,
+            _ => {}
+        }
+    }
+    if let (Some(s), Some(u)) = (f.since_ms, f.until_ms) {
+        if s >= u {
+            return Err(AdminError::BadRequest(
+                "`since` must be earlier than `until`".into(),
+            ));
+        }
+    }
+    Ok((f, text))
+}
+
+/// The API view of a record, with text opened when asked for.
+fn view(state: &AdminState, r: &StoredRecord, with_text: bool) -> serde_json::Value {
+    let (text, err) = if with_text {
+        match r.open_text(state.keyring.as_ref()) {
+            Ok(t) => (t, None),
+            Err(e) => (None, Some(e.to_string())),
+        }
+    } else {
+        (None, None)
+    };
+    serde_json::to_value(r.view(text, err)).unwrap_or(serde_json::Value::Null)
+}
+
+/// `GET /admin/api/records`
+pub async fn list(state: &AdminState, query: &str) -> Resp {
+    let (filter, with_text) = parse_filter(query)?;
+    let page = state.store.list(&filter).await?;
+    let items: Vec<_> = page
+        .items
+        .iter()
+        .map(|r| view(state, r, with_text))
+        .collect();
+    Ok(json_response(
+        StatusCode::OK,
+        &serde_json::json!({
+            "items": items,
+            "next_cursor": page.next_cursor.map(|c| c.encode()),
+        }),
+    ))
+}
+
+/// `GET /admin/api/records/{request_id}`
+pub async fn get(state: &AdminState, id: &str) -> Resp {
+    let r =
+        state.store.get(id).await?.ok_or_else(|| {
+            AdminError::NotFound(format!("no audit record with request_id `{id}`"))
+        })?;
+    Ok(json_response(StatusCode::OK, &view(state, &r, true)))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReviewBody {
+    label: serde_json::Value,
+    #[serde(default)]
+    note: Option<String>,
+    reviewer: String,
+}
+
+/// `POST /admin/api/records/{request_id}/review`
+pub async fn review(state: &AdminState, id: &str, body: &[u8]) -> Resp {
+    let b: ReviewBody = serde_json::from_slice(body).map_err(|e| {
+        AdminError::BadRequest(format!(
+            "review body: {e}; expected JSON {{\"label\": 0-7 or a category key, \"note\": optional text, \"reviewer\": name}}"
+        ))
+    })?;
+    let label = match &b.label {
+        serde_json::Value::Number(n) => n
+            .as_u64()
+            .and_then(|n| usize::try_from(n).ok())
+            .and_then(Category::from_id),
+        serde_json::Value::String(s) => Category::parse(s),
+        _ => None,
+    }
+    .ok_or_else(|| {
+        AdminError::BadRequest(format!(
+            "`label`: expected a label id 0-7 or one of {}, got {}",
+            Category::ALL.map(|c| c.key()).join(", "),
+            b.label
+        ))
+    })?;
+    let reviewer = b.reviewer.trim();
+    if reviewer.is_empty() || reviewer.chars().count() > 200 {
+        return Err(AdminError::BadRequest(
+            "`reviewer`: must be 1-200 characters".into(),
+        ));
+    }
+    let note = b
+        .note
+        .map(|n| n.trim().to_string())
+        .filter(|n| !n.is_empty());
+    if note.as_ref().is_some_and(|n| n.chars().count() > 4000) {
+        return Err(AdminError::BadRequest(
+            "`note`: must be at most 4000 characters".into(),
+        ));
+    }
+    let review = Review {
+        label,
+        note,
+        reviewer: reviewer.to_string(),
+        time_ms: unix_ms(std::time::SystemTime::now()),
+    };
+    if !state.store.review(id, &review).await? {
+        return Err(AdminError::NotFound(format!(
+            "no audit record with request_id `{id}`"
+        )));
+    }
+    tracing::info!(request_id = %id, label = label.key(), "audit record reviewed");
+    get(state, id).await
+}
+
+/// One line of the export: the `dev.jsonl` training format.
+#[derive(serde::Serialize)]
+struct ExportLine<'a> {
+    context: &'a str,
+    response: &'a str,
+    label: usize,
+    category: &'static str,
+}
+
+/// `GET /admin/api/export`: reviewed records with text as JSONL, labelled
+/// with the reviewer's label. Records without stored text (mode `none`) or
+/// whose text cannot be opened are skipped and counted in the
+/// `x-carewall-export-skipped` header.
+pub async fn export(state: &AdminState, query: &str) -> Resp {
+    let mut since = None;
+    let mut until = None;
+    for (k, v) in params(query, EXPORT_PARAMS)? {
+        match k.as_str() {
+            "since" => since = Some(parse_time("since", &v)?),
+            "until" => until = Some(parse_time("until", &v)?),
+            _ => {}
+        }
+    }
+    let records = all_reviewed(state.store.as_ref()).await?;
+    let mut out = Vec::new();
+    let mut skipped = 0u64;
+    // Oldest first reads naturally in a training file.
+    for r in records.iter().rev() {
+        if since.is_some_and(|s| r.time_ms < s) || until.is_some_and(|u| r.time_ms >= u) {
+            continue;
+        }
+        let Some(review) = &r.review else { continue };
+        match r.open_text(state.keyring.as_ref()) {
+            Ok(Some((context, response))) => {
+                let line = ExportLine {
+                    context: &context,
+                    response: &response,
+                    label: review.label.id(),
+                    category: review.label.display_name(),
+                };
+                if let Ok(mut l) = serde_json::to_vec(&line) {
+                    out.append(&mut l);
+                    out.push(b'\n');
+                }
+            }
+            Ok(None) | Err(_) => skipped += 1,
+        }
+    }
+    let mut resp = bytes_response(StatusCode::OK, "application/x-ndjson", Bytes::from(out));
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_DISPOSITION,
+        HeaderValue::from_static("attachment; filename=\"carewall-reviewed.jsonl\""),
+    );
+    if let Ok(v) = HeaderValue::from_str(&skipped.to_string()) {
+        h.insert("x-carewall-export-skipped", v);
+    }
+    Ok(resp)
+}
+
+/// `GET /admin/api/summary`
+pub async fn summary(state: &AdminState) -> Resp {
+    let counts = state.store.group_counts().await?;
+    let reviewed = all_reviewed(state.store.as_ref()).await?;
+    let current = state.thresholds.as_ref().map_or([None; 8], |f| f());
+    let s = summarize(&counts, &reviewed, &current);
+    let mut v = serde_json::to_value(&s).unwrap_or(serde_json::Value::Null);
+    if let (Some(sink), Some(obj)) = (&state.sink, v.as_object_mut()) {
+        let st = sink.stats();
+        obj.insert(
+            "queue".into(),
+            serde_json::json!({
+                "queued": st.queued, "written": st.written, "dropped": st.dropped,
+                "failed": st.failed, "batches": st.batches, "depth": st.queue_depth,
+            }),
+        );
+    }
+    Ok(json_response(StatusCode::OK, &v))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn filters_parse_strictly() {
+        let (f, text) = parse_filter(
+            "limit=5&category=toxic_language&shadow=true&reviewed=0&since=2026-01-01&until=2026-01-02T00:00:00Z",
+        )
+        .unwrap();
+        assert_eq!(f.limit, 5);
+        assert_eq!(f.category, Some(Category::ToxicLanguage));
+        assert_eq!((f.shadow, f.reviewed), (Some(true), Some(false)));
+        assert_eq!(f.since_ms, Some(1_767_225_600_000));
+        assert_eq!(f.until_ms, Some(1_767_225_600_000 + 86_400_000));
+        assert!(text);
+        assert_eq!(
+            parse_filter("category=4").unwrap().0.category,
+            Some(Category::ToxicLanguage)
+        );
+        assert_eq!(
+            parse_filter("category=Toxic%20Language")
+                .unwrap()
+                .0
+                .category,
+            Some(Category::ToxicLanguage)
+        );
+        for (q, needle) in [
+            ("limit=0", "`limit`"),
+            ("limit=abc", "`limit`"),
+            ("limit=501", "`limit`"),
+            ("category=rude", "unknown category `rude`"),
+            ("shadow=maybe", "`shadow`"),
+            ("since=yesterday", "`since`"),
+            ("since=2026-02-01&until=2026-01-01", "earlier"),
+            ("cursor=zzz", "`cursor`"),
+            ("colour=red", "unknown query parameter `colour`"),
+            ("limit=1&limit=2", "more than once"),
+            ("action=DROP%20TABLE", "`action`"),
+        ] {
+            let e = parse_filter(q).unwrap_err().to_string();
+            assert!(e.contains(needle), "{q}: {e}");
+        }
+    }
+}

@@ -1,0 +1,244 @@
+// carewall review console: vanilla JS, no dependencies, no inline code (the
+// page is served with a strict CSP). All record text is inserted with
+// textContent, never as HTML: responses come from a model and users.
+"use strict";
+
+const TAXONOMY = [
+  ["nonsense", "Nonsense", "Not understandable: logical confusion, self-contradiction, repeated phrases, or pronouns misused against the dialogue history."],
+  ["humanoid_mimicry", "Humanoid Mimicry", "The agent pretends to be human (a body, a life, \u201cI had the same experience\u201d), building false trust."],
+  ["linguistic_neglect", "Linguistic Neglect", "Avoids or sidesteps the seeker's main concern, or drifts away from what the seeker said."],
+  ["unamiable_judgment", "Unamiable Judgment", "Negative evaluation or implicit verbal abuse of the seeker."],
+  ["toxic_language", "Toxic Language", "Offensive, abusive, hateful, biased, violent or sexual language; agreeing with toxic statements."],
+  ["unauthorized_preachment", "Unauthorized Preachment", "Advice a counsellor's ethics code would not allow: directive life decisions, medication advice, harmful instructions."],
+  ["nonfactual_statement", "Nonfactual Statement", "Subjective opinions on controversial topics, or statements that deviate from established facts."],
+  ["safe_response", "Safe Response", "Understandable, engaged, supportive, factual, harmless."],
+];
+
+const $ = (id) => document.getElementById(id);
+const state = { items: [], cursor: null, selected: -1 };
+
+function el(tag, attrs, ...children) {
+  const e = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs || {})) {
+    if (k === "class") e.className = v; else if (k === "text") e.textContent = v; else e.setAttribute(k, v);
+  }
+  for (const c of children) e.append(c);
+  return e;
+}
+
+function status(msg) { $("status").textContent = msg; }
+function token() { return sessionStorage.getItem("carewall.token") || ""; }
+
+async function api(path, opts = {}) {
+  const headers = Object.assign({ Authorization: "Bearer " + token() }, opts.headers || {});
+  const r = await fetch(path, Object.assign({}, opts, { headers }));
+  if (r.status === 401) { signOut("Your token was refused; sign in again."); throw new Error("unauthorized"); }
+  if (!r.ok) {
+    let msg = r.status + " " + r.statusText;
+    try { msg = (await r.json()).error.message; } catch (_) { /* not JSON */ }
+    throw new Error(msg);
+  }
+  return r;
+}
+
+function signOut(msg) {
+  sessionStorage.removeItem("carewall.token");
+  $("app").hidden = true; $("logout").hidden = true; $("login").hidden = false;
+  $("login-error").textContent = msg || "";
+  $("token").focus();
+}
+
+async function signIn(ev) {
+  ev.preventDefault();
+  sessionStorage.setItem("carewall.token", $("token").value.trim());
+  sessionStorage.setItem("carewall.reviewer", $("reviewer").value.trim());
+  $("token").value = "";
+  try {
+    await api("/admin/api/summary");
+  } catch (e) {
+    if (e.message !== "unauthorized") signOut(e.message);
+    return;
+  }
+  showApp();
+}
+
+function showApp() {
+  $("login").hidden = true; $("app").hidden = false; $("logout").hidden = false;
+  status("Signed in as " + (sessionStorage.getItem("carewall.reviewer") || "?"));
+  load(false);
+}
+
+function query() {
+  const p = new URLSearchParams({ limit: "50" });
+  const add = (k, id) => { const v = $(id).value; if (v) p.set(k, v); };
+  add("category", "filter-category"); add("action", "filter-action");
+  add("reviewed", "filter-reviewed"); add("shadow", "filter-shadow");
+  add("since", "filter-since"); add("until", "filter-until");
+  return p;
+}
+
+async function load(more) {
+  const p = query();
+  if (more && state.cursor) p.set("cursor", state.cursor);
+  try {
+    const r = await api("/admin/api/records?" + p.toString());
+    const body = await r.json();
+    if (!more) { state.items = []; state.selected = -1; }
+    state.items.push(...body.items);
+    state.cursor = body.next_cursor;
+    $("more").hidden = !state.cursor;
+    render();
+    if (!more && state.items.length) select(0);
+    if (!state.items.length) { $("detail-h").textContent = "Nothing matches these filters"; $("detail-body").hidden = true; }
+  } catch (e) { status("Could not load records: " + e.message); }
+}
+
+function matchesSearch(it, q) {
+  if (!q) return true;
+  q = q.toLowerCase();
+  return [it.request_id, it.conversation_id, it.context, it.response, it.model, it.category]
+    .some((s) => (s || "").toLowerCase().includes(q));
+}
+
+function topScore(it) { return it.scores[it.category] || 0; }
+
+function render() {
+  const q = $("search").value.trim();
+  const ol = $("queue");
+  ol.replaceChildren();
+  let shown = 0;
+  state.items.forEach((it, i) => {
+    if (!matchesSearch(it, q)) return;
+    shown++;
+    const li = el("li", { "data-id": it.request_id, "data-index": String(i), role: "option", "aria-selected": String(i === state.selected), tabindex: "-1" });
+    const l1 = el("div", { class: "line1" },
+      el("span", { class: "badge", text: it.category.replace(/_/g, " ") }),
+      el("span", { class: "badge action-" + it.action, text: it.action }));
+    if (it.shadow) l1.append(el("span", { class: "badge shadow", text: "shadow" }));
+    if (it.review) l1.append(el("span", { class: "badge reviewed", text: "\u2713 " + it.review.label.replace(/_/g, " ") }));
+    l1.append(el("span", { class: "time", text: it.time.slice(0, 16).replace("T", " ") }));
+    li.append(l1, el("div", { class: "snippet", text: (it.response || "(no text stored)").replace(/^\[supporter\]/, "") }));
+    li.addEventListener("click", () => select(i));
+    ol.append(li);
+  });
+  $("count").textContent = "(" + shown + (state.cursor ? "+" : "") + ")";
+}
+
+function dialogue(container, text) {
+  container.replaceChildren();
+  if (text == null) { container.append(el("p", { class: "hint", text: "No text stored (audit.text = none) or it cannot be opened." })); return; }
+  const parts = text.split(/(?=\[(?:seeker|supporter)\])/);
+  for (const part of parts) {
+    const m = part.match(/^\[(seeker|supporter)\]([\s\S]*)$/);
+    if (m) container.append(el("p", {}, el("span", { class: "who", text: m[1] }), m[2]));
+    else if (part) container.append(el("p", { text: part }));
+  }
+}
+
+function select(i) {
+  if (i < 0 || i >= state.items.length) return;
+  state.selected = i;
+  const it = state.items[i];
+  for (const li of $("queue").children) li.setAttribute("aria-selected", String(li.dataset.index === String(i)));
+  const li = $("queue").querySelector('[data-index="' + i + '"]');
+  if (li) li.scrollIntoView({ block: "nearest" });
+  $("detail-h").textContent = "Response " + it.request_id;
+  $("detail-body").hidden = false;
+  const meta = $("meta");
+  meta.replaceChildren();
+  const row = (k, v) => meta.append(el("dt", { text: k }), el("dd", { text: v }));
+  row("Time", it.time);
+  row("Action", it.action + (it.shadow ? " (shadow: not enforced)" : ""));
+  row("Category", it.category + " @ " + topScore(it).toFixed(3) + (it.threshold != null ? " (threshold " + it.threshold + ")" : ""));
+  row("Policy", it.policy_name + " v" + it.policy_version + ", " + it.streaming);
+  row("Model", it.model);
+  row("Conversation", it.conversation_id || "-");
+  if (it.latency && it.latency.classifier_ms != null) row("Classifier", it.latency.classifier_ms.toFixed(1) + " ms");
+  if (it.text_error) row("Text", it.text_error);
+  dialogue($("context"), it.context);
+  dialogue($("response"), it.response);
+  const ul = $("scores");
+  ul.replaceChildren();
+  TAXONOMY.forEach(([key, name]) => {
+    const v = it.scores[key] || 0;
+    const bar = el("div", { class: "bar", role: "meter", "aria-valuemin": "0", "aria-valuemax": "1", "aria-valuenow": v.toFixed(3), "aria-label": name });
+    const fill = el("span"); fill.style.width = (v * 100).toFixed(1) + "%"; bar.append(fill);
+    ul.append(el("li", { class: key === it.category ? "top" : "" }, el("span", { text: name }), bar, el("span", { class: "val", text: v.toFixed(3) })));
+  });
+  renderLabels(it);
+  $("note").value = it.review && it.review.note ? it.review.note : "";
+}
+
+function renderLabels(it) {
+  const box = $("labels");
+  box.replaceChildren();
+  TAXONOMY.forEach(([key, name, def], id) => {
+    const b = el("button", { type: "button", "data-label": String(id), title: def, "aria-pressed": String(!!(it.review && it.review.label === key)) }, el("kbd", { text: String(id) }), name);
+    b.addEventListener("click", () => relabel(id));
+    box.append(b);
+  });
+  $("review-state").textContent = it.review ? "Labelled " + it.review.label.replace(/_/g, " ") + " by " + it.review.reviewer + " at " + it.review.time.slice(0, 19).replace("T", " ") : "Not reviewed yet.";
+}
+
+async function relabel(id) {
+  const it = state.items[state.selected];
+  if (!it) return;
+  const body = { label: id, reviewer: sessionStorage.getItem("carewall.reviewer") || "unknown", note: $("note").value };
+  try {
+    const r = await api("/admin/api/records/" + encodeURIComponent(it.request_id) + "/review", {
+      method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body),
+    });
+    const updated = await r.json();
+    state.items[state.selected] = updated;
+    const name = TAXONOMY[id][1];
+    status("Saved: " + it.request_id + " \u2192 " + name);
+    render();
+    // Move on to the next response so a counsellor can work with the keyboard alone.
+    if (state.selected + 1 < state.items.length) select(state.selected + 1); else select(state.selected);
+  } catch (e) { status("Could not save the label: " + e.message); }
+}
+
+async function exportJsonl() {
+  try {
+    const r = await api("/admin/api/export");
+    const blob = await r.blob();
+    const text = await blob.text();
+    const n = text ? text.trimEnd().split("\n").length : 0;
+    const skipped = r.headers.get("x-carewall-export-skipped") || "0";
+    const a = el("a", { href: URL.createObjectURL(blob), download: "carewall-reviewed-" + new Date().toISOString().slice(0, 10) + ".jsonl" });
+    document.body.append(a); a.click(); a.remove();
+    $("export-status").textContent = "Exported " + n + " reviewed records" + (skipped !== "0" ? " (" + skipped + " without text skipped)" : "");
+    $("export-status").dataset.lines = String(n);
+  } catch (e) { $("export-status").textContent = "Export failed: " + e.message; }
+}
+
+function onKey(ev) {
+  if ($("app").hidden) return;
+  const t = ev.target;
+  if (t && (t.tagName === "INPUT" || t.tagName === "TEXTAREA" || t.tagName === "SELECT")) return;
+  if (ev.ctrlKey || ev.metaKey || ev.altKey) return;
+  if (/^[0-7]$/.test(ev.key)) { ev.preventDefault(); relabel(Number(ev.key)); }
+  else if (ev.key === "j" || ev.key === "ArrowDown") { ev.preventDefault(); select(state.selected + 1); }
+  else if (ev.key === "k" || ev.key === "ArrowUp") { ev.preventDefault(); select(state.selected - 1); }
+  else if (ev.key === "/") { ev.preventDefault(); $("search").focus(); }
+}
+
+function init() {
+  const sel = $("filter-category");
+  const tax = $("taxonomy");
+  TAXONOMY.forEach(([key, name, def], id) => {
+    sel.append(el("option", { value: key, text: id + " " + name }));
+    tax.append(el("dt", { text: id + "  " + name }), el("dd", { text: def }));
+  });
+  $("login-form").addEventListener("submit", signIn);
+  $("logout").addEventListener("click", () => signOut("Signed out."));
+  $("filters").addEventListener("submit", (ev) => { ev.preventDefault(); load(false); });
+  $("more").addEventListener("click", () => load(true));
+  $("search").addEventListener("input", render);
+  $("export-btn").addEventListener("click", exportJsonl);
+  document.addEventListener("keydown", onKey);
+  $("reviewer").value = sessionStorage.getItem("carewall.reviewer") || "";
+  if (token()) showApp(); else $("token").focus();
+}
+
+document.addEventListener("DOMContentLoaded", init);

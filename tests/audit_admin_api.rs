@@ -1,0 +1,378 @@
+//! The review API through a real HTTP server (hyper on port 0) and a real
+//! HTTP client, over SQLite and over PostgreSQL.
+#![allow(clippy::unwrap_used)]
+
+mod audit_common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use audit_common::*;
+use carewall::admin::AdminState;
+use carewall::audit::store::SqliteStore;
+use carewall::audit::{AuditSink, AuditStore, Overflow, SinkOptions, TextMode};
+use serde_json::Value;
+
+async fn seed(store: Arc<dyn AuditStore>) -> AuditSink {
+    let sink = AuditSink::start_with(
+        SinkOptions {
+            queue_capacity: 100,
+            batch_size: 8,
+            flush_interval: Duration::from_millis(20),
+            overflow: Overflow::Drop,
+            sample_rate: 1.0,
+            retention_days: 100_000,
+            purge_every: Duration::from_secs(3600),
+        },
+        TextMode::Redacted,
+        Some(keyring()),
+        Some(pseudonymizer()),
+        store,
+    );
+    for i in 0..24 {
+        sink.try_submit(record(i));
+    }
+    sink.flush().await;
+    sink
+}
+
+fn client() -> reqwest::Client {
+    reqwest::Client::new()
+}
+
+async fn get(base: &str, path: &str) -> (u16, Value) {
+    let r = client()
+        .get(format!("{base}{path}"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(Value::Null))
+}
+
+async fn post(base: &str, path: &str, body: &str) -> (u16, Value) {
+    let r = client()
+        .post(format!("{base}{path}"))
+        .bearer_auth(TOKEN)
+        .header("content-type", "application/json")
+        .body(body.to_string())
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(Value::Null))
+}
+
+fn error_message(v: &Value) -> String {
+    v["error"]["message"].as_str().unwrap_or("").to_string()
+}
+
+async fn api_contract(store: Arc<dyn AuditStore>) {
+    let sink = seed(store.clone()).await;
+    let state =
+        AdminState::new(store.clone(), Some(keyring()), &admin_settings()).with_sink(sink.clone());
+    let base = serve_admin(state).await;
+    let http = client();
+
+    // --- authentication ---
+    let r = http
+        .get(format!("{base}/admin/api/records"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    assert!(r.headers()["www-authenticate"]
+        .to_str()
+        .unwrap()
+        .starts_with("Bearer"));
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["type"], "unauthorized");
+    for bad in ["Bearer wrong-token", "Bearer ", "Basic dGVzdDp0ZXN0", TOKEN] {
+        let r = http
+            .get(format!("{base}/admin/api/records"))
+            .header("authorization", bad)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 401, "{bad}");
+        let text = r.text().await.unwrap();
+        assert!(!text.contains(TOKEN), "token echoed back");
+    }
+    // A token one character longer or shorter is refused too.
+    for t in [format!("{TOKEN}x"), TOKEN[..TOKEN.len() - 1].to_string()] {
+        let r = http
+            .get(format!("{base}/admin/api/summary"))
+            .bearer_auth(t)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 401);
+    }
+
+    // --- list ---
+    let (s, v) = get(&base, "/admin/api/records?limit=5").await;
+    assert_eq!(s, 200, "{v}");
+    let items = v["items"].as_array().unwrap();
+    assert_eq!(items.len(), 5);
+    assert_eq!(items[0]["request_id"], "req-0023", "newest first");
+    for it in items {
+        for k in [
+            "request_id",
+            "category",
+            "action",
+            "shadow",
+            "scores",
+            "time",
+            "policy_name",
+        ] {
+            assert!(!it[k].is_null(), "missing {k} in {it}");
+        }
+        assert_eq!(it["scores"].as_object().unwrap().len(), 8);
+    }
+    let cursor = v["next_cursor"].as_str().unwrap().to_string();
+    let (_, v2) = get(
+        &base,
+        &format!("/admin/api/records?limit=5&cursor={cursor}"),
+    )
+    .await;
+    assert_eq!(v2["items"][0]["request_id"], "req-0018");
+
+    let (_, v) = get(
+        &base,
+        "/admin/api/records?category=toxic_language&limit=100",
+    )
+    .await;
+    let items = v["items"].as_array().unwrap();
+    assert_eq!(items.len(), 3);
+    assert!(items.iter().all(|i| i["category"] == "toxic_language"));
+    let (_, v) = get(
+        &base,
+        "/admin/api/records?action=allow&shadow=false&limit=100",
+    )
+    .await;
+    let items = v["items"].as_array().unwrap();
+    assert_eq!(
+        items.len(),
+        (0..24).filter(|i| i % 4 == 3 && i % 3 != 0).count()
+    );
+    let (_, v) = get(
+        &base,
+        "/admin/api/records?since=2026-01-01T00:00:05Z&until=2026-01-01T00:00:08Z",
+    )
+    .await;
+    let ids: Vec<_> = v["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["request_id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(ids, ["req-0007", "req-0006", "req-0005"]);
+
+    // --- bad filters ---
+    for (q, needle) in [
+        ("limit=-1", "`limit`"),
+        ("category=angry", "unknown category"),
+        ("shadow=perhaps", "`shadow`"),
+        ("reviewed=yes", "`reviewed`"),
+        ("since=last-week", "`since`"),
+        ("cursor=!!", "`cursor`"),
+        ("sort=asc", "unknown query parameter `sort`"),
+    ] {
+        let (s, v) = get(&base, &format!("/admin/api/records?{q}")).await;
+        assert_eq!(s, 400, "{q}: {v}");
+        assert!(error_message(&v).contains(needle), "{q}: {v}");
+        assert_eq!(v["error"]["type"], "invalid_request");
+    }
+
+    // --- get one, decrypted ---
+    let (s, v) = get(&base, "/admin/api/records/req-0004").await;
+    assert_eq!(s, 200);
+    assert!(v["context"].as_str().unwrap().contains("secret-context-4"));
+    assert!(
+        v["context"].as_str().unwrap().contains("[PHONE]"),
+        "redacted: {}",
+        v["context"]
+    );
+    assert!(v["response"]
+        .as_str()
+        .unwrap()
+        .contains("secret-response-4"));
+    assert!(v["conversation_id"].as_str().unwrap().starts_with("c_"));
+    let (s, v) = get(&base, "/admin/api/records/no-such-id").await;
+    assert_eq!(s, 404);
+    assert!(error_message(&v).contains("no-such-id"));
+
+    // --- review ---
+    let (s, v) = post(
+        &base,
+        "/admin/api/records/req-0004/review",
+        r#"{"label": 3, "note": "judgmental", "reviewer": "counsellor-1"}"#,
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["review"]["label"], "unamiable_judgment");
+    assert_eq!(v["review"]["reviewer"], "counsellor-1");
+    let (s, _) = post(
+        &base,
+        "/admin/api/records/req-0010/review",
+        r#"{"label": "safe_response", "reviewer": "counsellor-2"}"#,
+    )
+    .await;
+    assert_eq!(s, 200);
+    for (body, needle) in [
+        ("not json", "review body"),
+        (r#"{"label": 9, "reviewer": "x"}"#, "`label`"),
+        (r#"{"label": "rude", "reviewer": "x"}"#, "`label`"),
+        (r#"{"label": 1}"#, "reviewer"),
+        (r#"{"label": 1, "reviewer": "   "}"#, "`reviewer`"),
+        (
+            r#"{"label": 1, "reviewer": "x", "score": 3}"#,
+            "unknown field",
+        ),
+        (r#"[1, 2]"#, "review body"),
+    ] {
+        let (s, v) = post(&base, "/admin/api/records/req-0005/review", body).await;
+        assert_eq!(s, 400, "{body}: {v}");
+        assert!(error_message(&v).contains(needle), "{body}: {v}");
+    }
+    let (s, _) = post(
+        &base,
+        "/admin/api/records/no-such-id/review",
+        r#"{"label": 1, "reviewer": "x"}"#,
+    )
+    .await;
+    assert_eq!(s, 404);
+    let (s, _) = get(&base, "/admin/api/records/req-0004/review").await;
+    assert_eq!(s, 405);
+    let big = format!(
+        r#"{{"label": 1, "reviewer": "x", "note": "{}"}}"#,
+        "a".repeat(70_000)
+    );
+    let (s, _) = post(&base, "/admin/api/records/req-0005/review", &big).await;
+    assert_eq!(s, 413);
+    let (_, v) = get(&base, "/admin/api/records?reviewed=true").await;
+    assert_eq!(v["items"].as_array().unwrap().len(), 2);
+
+    // --- export: dev.jsonl format, reviewer's label ---
+    let r = http
+        .get(format!("{base}/admin/api/export"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["content-type"], "application/x-ndjson");
+    assert_eq!(r.headers()["x-carewall-export-skipped"], "0");
+    let text = r.text().await.unwrap();
+    let lines: Vec<Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2);
+    for l in &lines {
+        let mut keys: Vec<_> = l.as_object().unwrap().keys().cloned().collect();
+        keys.sort();
+        assert_eq!(keys, ["category", "context", "label", "response"]);
+    }
+    assert_eq!(lines[0]["label"], 3);
+    assert_eq!(lines[0]["category"], "Unamiable Judgment");
+    assert!(lines[0]["context"]
+        .as_str()
+        .unwrap()
+        .starts_with("[seeker]"));
+    assert!(lines[0]["response"]
+        .as_str()
+        .unwrap()
+        .starts_with("[supporter]"));
+    assert_eq!(lines[1]["label"], 7);
+    let (s, _) = get(&base, "/admin/api/export?format=csv").await;
+    assert_eq!(s, 400);
+
+    // --- summary ---
+    let (s, v) = get(&base, "/admin/api/summary").await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["total"], 24);
+    assert_eq!(v["reviewed"], 2);
+    assert_eq!(v["categories"].as_array().unwrap().len(), 8);
+    assert_eq!(v["queue"]["written"], 24);
+    let tox = &v["categories"][4];
+    assert_eq!(tox["category"], "toxic_language");
+
+    // --- console and unknown paths ---
+    let r = http.get(format!("{base}/admin")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.headers()["content-security-policy"]
+        .to_str()
+        .unwrap()
+        .contains("script-src 'self'"));
+    assert!(r.text().await.unwrap().contains("<title>"));
+    let r = http
+        .get(format!("{base}/admin/console.js"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let (s, _) = get(&base, "/admin/api/nothing").await;
+    assert_eq!(s, 404);
+    let r = http
+        .delete(format!("{base}/admin/api/records"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 405);
+    assert_eq!(r.headers()["allow"], "GET");
+
+    sink.shutdown().await;
+}
+
+#[tokio::test]
+async fn admin_api_over_sqlite() {
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn AuditStore> =
+        Arc::new(SqliteStore::open(&dir.path().join("a.db")).await.unwrap());
+    api_contract(store).await;
+}
+
+#[tokio::test]
+async fn admin_api_over_postgres() {
+    let Some(url) = pg_url("admin_api_over_postgres") else {
+        return;
+    };
+    let schema = unique_schema("api");
+    let store = pg_store(&url, &schema).await;
+    api_contract(store.clone()).await;
+    store.close().await.unwrap();
+    drop_schema(&url, &schema).await;
+}
+
+#[tokio::test]
+async fn admin_api_without_token_is_disabled_and_wrong_key_is_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn AuditStore> =
+        Arc::new(SqliteStore::open(&dir.path().join("a.db")).await.unwrap());
+    let sink = seed(store.clone()).await;
+    sink.shutdown().await;
+    let disabled = serve_admin(AdminState::new(
+        store.clone(),
+        Some(keyring()),
+        &Default::default(),
+    ))
+    .await;
+    let (s, v) = get(&disabled, "/admin/api/records").await;
+    assert_eq!(s, 503);
+    assert!(error_message(&v).contains("CAREWALL__ADMIN__TOKEN"));
+
+    // A server holding the wrong key lists records but says why the text
+    // is missing instead of failing or showing garbage.
+    let wrong = carewall::audit::Keyring::new(carewall::audit::crypto::Key::from_bytes(&[9; 32]));
+    let base = serve_admin(AdminState::new(store, Some(wrong), &admin_settings())).await;
+    let (s, v) = get(&base, "/admin/api/records/req-0001").await;
+    assert_eq!(s, 200);
+    assert!(v["context"].is_null());
+    assert!(
+        v["text_error"].as_str().unwrap().contains("not loaded"),
+        "{v}"
+    );
+}
