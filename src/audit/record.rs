@@ -259,7 +259,7 @@ impl StoredRecord {
                 .map(|c| (c.key().to_string(), score_json(self.scores.get(*c))))
                 .collect(),
             category: self.category,
-            threshold: self.threshold,
+            threshold: self.threshold.map(round6),
             action: self.action.clone(),
             shadow: self.shadow,
             latency: self.latency,
@@ -279,9 +279,14 @@ impl StoredRecord {
     }
 }
 
+/// f32 -> f64 without float noise (0.6, not 0.6000000238418579).
+fn round6(p: f32) -> f64 {
+    (f64::from(p) * 1e6).round() / 1e6
+}
+
 /// f32 -> JSON number without float noise (0.8, not 0.800000011920929).
 fn score_json(p: f32) -> serde_json::Value {
-    let rounded = (f64::from(p) * 1e6).round() / 1e6;
+    let rounded = round6(p);
     serde_json::Number::from_f64(rounded).map_or(serde_json::Value::Null, serde_json::Value::Number)
 }
 
@@ -301,7 +306,7 @@ pub struct RecordView {
     /// Category key -> probability, in label order.
     pub scores: serde_json::Map<String, serde_json::Value>,
     pub category: Category,
-    pub threshold: Option<f32>,
+    pub threshold: Option<f64>,
     pub action: String,
     pub shadow: bool,
     pub latency: Latency,

@@ -38,14 +38,14 @@ pub struct CategorySummary {
     /// the precision of flags at the threshold in force when they were made.
     pub flag_precision: Option<f64>,
     /// The threshold now in force (from the policy, else the latest record).
-    pub threshold: Option<f32>,
+    pub threshold: Option<f64>,
     /// Over all reviewed records: of those scoring at or above `threshold`
     /// for this category, the share labelled with it.
     pub precision_at_threshold: Option<f64>,
     /// Reviewed records labelled with this category.
     pub labelled: u64,
     /// Threshold maximising F1 on the reviewed records, if there are enough.
-    pub suggested_threshold: Option<f32>,
+    pub suggested_threshold: Option<f64>,
     pub suggested_precision: Option<f64>,
     pub suggested_recall: Option<f64>,
     /// Why there is no suggestion, or what it rests on.
@@ -60,6 +60,11 @@ pub struct Summary {
     /// Reviewed records whose label equals the model category, overall.
     pub agreement: Option<f64>,
     pub categories: Vec<CategorySummary>,
+}
+
+/// f32 -> f64 rounded to 6 places, so JSON shows 0.7, not 0.699999988.
+fn r6(x: f32) -> f64 {
+    (f64::from(x) * 1e6).round() / 1e6
 }
 
 fn ratio(a: u64, b: u64) -> Option<f64> {
@@ -155,10 +160,10 @@ pub fn summarize(
             agreement: ratio(agreed, rev_mine.len() as u64),
             flagged_reviewed: flagged_rev.len() as u64,
             flag_precision: ratio(confirmed, flagged_rev.len() as u64),
-            threshold,
+            threshold: threshold.map(r6),
             precision_at_threshold,
             labelled: labelled as u64,
-            suggested_threshold,
+            suggested_threshold: suggested_threshold.map(r6),
             suggested_precision,
             suggested_recall,
             note,

@@ -163,7 +163,7 @@ function select(i) {
     const v = it.scores[key] || 0;
     const bar = el("div", { class: "bar", role: "meter", "aria-valuemin": "0", "aria-valuemax": "1", "aria-valuenow": v.toFixed(3), "aria-label": name });
     const fill = el("span"); fill.style.width = (v * 100).toFixed(1) + "%"; bar.append(fill);
-    ul.append(el("li", { class: key === it.category ? "top" : "" }, el("span", { text: name }), bar, el("span", { class: "val", text: v.toFixed(3) })));
+    ul.append(el("li", { class: key === it.category ? "is-top" : "" }, el("span", { text: name }), bar, el("span", { class: "val", text: v.toFixed(3) })));
   });
   renderLabels(it);
   $("note").value = it.review && it.review.note ? it.review.note : "";
