@@ -7,6 +7,7 @@ use http_body_util::Full;
 use serde::Deserialize;
 
 use super::{bytes_response, json_response, AdminError, AdminState};
+use crate::audit::export::reviewed_jsonl;
 use crate::audit::record::{unix_ms, Review, StoredRecord};
 use crate::audit::store::{all_reviewed, Cursor, ListFilter, MAX_LIMIT};
 use crate::audit::summary::summarize;
@@ -61,36 +62,22 @@ fn parse_bool(key: &str, v: &str) -> Result<bool, AdminError> {
 /// Milliseconds since the epoch, or RFC 3339 UTC (`2026-01-31T12:00:00Z`),
 /// or a date (`2026-01-31`, midnight UTC).
 fn parse_time(key: &str, v: &str) -> Result<i64, AdminError> {
-    if let Ok(ms) = v.parse::<i64>() {
-        return Ok(ms);
-    }
-    let text = if v.len() == 10 {
-        format!("{v}T00:00:00Z")
-    } else {
-        v.to_string()
-    };
-    humantime::parse_rfc3339_weak(&text)
-        .map(unix_ms)
-        .map_err(|_| {
-            AdminError::BadRequest(format!(
-                "`{key}`: expected RFC 3339 UTC time (2026-01-31T12:00:00Z), a date (2026-01-31) or milliseconds since the epoch, got `{v}`"
-            ))
-        })
+    crate::audit::record::parse_time(v).ok_or_else(|| {
+        AdminError::BadRequest(format!(
+            "`{key}`: expected RFC 3339 UTC time (2026-01-31T12:00:00Z), a date (2026-01-31) or milliseconds since the epoch, got `{v}`"
+        ))
+    })
 }
 
 /// Category from its key (`toxic_language`), name (`Toxic Language`) or
 /// label id (`4`).
 fn parse_category(key: &str, v: &str) -> Result<Category, AdminError> {
-    v.parse::<usize>()
-        .ok()
-        .and_then(Category::from_id)
-        .or_else(|| Category::parse(v))
-        .ok_or_else(|| {
-            AdminError::BadRequest(format!(
-                "`{key}`: unknown category `{v}`; use a label id 0-7 or one of {}",
-                Category::ALL.map(|c| c.key()).join(", ")
-            ))
-        })
+    crate::audit::record::parse_category(v).ok_or_else(|| {
+        AdminError::BadRequest(format!(
+            "`{key}`: unknown category `{v}`; use a label id 0-7 or one of {}",
+            Category::ALL.map(|c| c.key()).join(", ")
+        ))
+    })
 }
 
 fn parse_filter(query: &str) -> Result<(ListFilter, bool), AdminError> {
@@ -248,19 +235,10 @@ pub async fn review(state: &AdminState, id: &str, body: &[u8]) -> Resp {
     get(state, id).await
 }
 
-/// One line of the export: the `dev.jsonl` training format.
-#[derive(serde::Serialize)]
-struct ExportLine<'a> {
-    context: &'a str,
-    response: &'a str,
-    label: usize,
-    category: &'static str,
-}
-
-/// `GET /admin/api/export`: reviewed records with text as JSONL, labelled
-/// with the reviewer's label. Records without stored text (mode `none`) or
-/// whose text cannot be opened are skipped and counted in the
-/// `x-carewall-export-skipped` header.
+/// `GET /admin/api/export`: reviewed records with text as JSONL in the
+/// `dev.jsonl` format, labelled with the reviewer's label. Records without
+/// stored text or whose text cannot be opened are skipped and counted in
+/// the `x-carewall-export-skipped` header.
 pub async fn export(state: &AdminState, query: &str) -> Resp {
     let mut since = None;
     let mut until = None;
@@ -271,40 +249,14 @@ pub async fn export(state: &AdminState, query: &str) -> Resp {
             _ => {}
         }
     }
-    let records = all_reviewed(state.store.as_ref()).await?;
-    let mut out = Vec::new();
-    let mut skipped = 0u64;
-    // Oldest first reads naturally in a training file.
-    for r in records.iter().rev() {
-        if since.is_some_and(|s| r.time_ms < s) || until.is_some_and(|u| r.time_ms >= u) {
-            continue;
-        }
-        let Some(review) = &r.review else { continue };
-        match r.open_text(state.keyring.as_ref()) {
-            Ok(Some((context, response))) => {
-                let line = ExportLine {
-                    context: &context,
-                    response: &response,
-                    label: review.label.id(),
-                    category: review.label.display_name(),
-                };
-                if let Ok(mut l) = serde_json::to_vec(&line) {
-                    out.append(&mut l);
-                    out.push(b'\n');
-                }
-            }
-            Ok(None) | Err(_) => skipped += 1,
-        }
-    }
-    let mut resp = bytes_response(StatusCode::OK, "application/x-ndjson", Bytes::from(out));
+    let e = reviewed_jsonl(state.store.as_ref(), state.keyring.as_ref(), since, until).await?;
+    let mut resp = bytes_response(StatusCode::OK, "application/x-ndjson", Bytes::from(e.jsonl));
     let h = resp.headers_mut();
     h.insert(
         header::CONTENT_DISPOSITION,
         HeaderValue::from_static("attachment; filename=\"carewall-reviewed.jsonl\""),
     );
-    if let Ok(v) = HeaderValue::from_str(&skipped.to_string()) {
-        h.insert("x-carewall-export-skipped", v);
-    }
+    h.insert("x-carewall-export-skipped", HeaderValue::from(e.skipped));
     Ok(resp)
 }
 

@@ -16,6 +16,7 @@
 //!   waits, [`AuditSink::submit`] waits at most `block_timeout`.
 
 pub mod crypto;
+pub mod export;
 pub mod pseudonym;
 pub mod record;
 pub mod redact;

@@ -149,6 +149,29 @@ pub fn rfc3339(ms: i64) -> String {
     humantime::format_rfc3339_millis(t).to_string()
 }
 
+/// Parse a time given by a person: milliseconds since the epoch, RFC 3339
+/// UTC (`2026-01-31T12:00:00Z`), or a date (`2026-01-31`, midnight UTC).
+pub fn parse_time(v: &str) -> Option<i64> {
+    if let Ok(ms) = v.parse::<i64>() {
+        return Some(ms);
+    }
+    let text = if v.len() == 10 {
+        format!("{v}T00:00:00Z")
+    } else {
+        v.to_string()
+    };
+    humantime::parse_rfc3339_weak(&text).ok().map(unix_ms)
+}
+
+/// Parse a category given by a person: label id (`4`), key
+/// (`toxic_language`) or name (`Toxic Language`).
+pub fn parse_category(v: &str) -> Option<Category> {
+    v.parse::<usize>()
+        .ok()
+        .and_then(Category::from_id)
+        .or_else(|| Category::parse(v))
+}
+
 impl StoredRecord {
     /// Prepare `r` for storage: hash the conversation key, apply the text
     /// mode, encrypt. `keyring` must be present unless `mode` is `None`.

@@ -1,10 +1,11 @@
-//! Command line: `serve`, `check-config`, `classify`, `demo`, `eval`.
+//! Command line: `serve`, `check-config`, `classify`, `demo`, `eval`, `audit`.
 //! Each subcommand's arguments and body live in a file of their own.
 
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+pub mod audit;
 pub mod eval;
 
 #[derive(Debug, Parser)]
@@ -22,6 +23,8 @@ pub struct Cli {
 pub enum Command {
     /// Evaluate the classifier on labelled JSONL (the `dev.jsonl` format).
     Eval(eval::EvalArgs),
+    /// Read and maintain the audit trail: list, show, export, purge.
+    Audit(audit::AuditArgs),
 }
 
 /// Parse the command line and run the chosen subcommand.
@@ -29,6 +32,7 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Eval(args) => eval::run(args),
+        Command::Audit(args) => audit::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,63 @@
+//! Export of reviewed records in the training format of `dev.jsonl`:
+//! one JSON object per line with `context`, `response`, `label` (the
+//! reviewer's label id) and `category` (its display name), oldest first.
+
+use serde::Serialize;
+
+use super::crypto::Keyring;
+use super::store::{all_reviewed, AuditStore, StoreError};
+
+#[derive(Serialize)]
+struct Line<'a> {
+    context: &'a str,
+    response: &'a str,
+    label: usize,
+    category: &'static str,
+}
+
+/// What an export produced.
+#[derive(Debug, Default)]
+pub struct Export {
+    /// JSONL bytes, one record per line.
+    pub jsonl: Vec<u8>,
+    /// Records written.
+    pub lines: u64,
+    /// Reviewed records skipped: no stored text (`audit.text = "none"`) or
+    /// text that the loaded keys cannot open.
+    pub skipped: u64,
+}
+
+/// Export reviewed records whose time is in `[since, until)`.
+pub async fn reviewed_jsonl(
+    store: &dyn AuditStore,
+    keyring: Option<&Keyring>,
+    since_ms: Option<i64>,
+    until_ms: Option<i64>,
+) -> Result<Export, StoreError> {
+    let records = all_reviewed(store).await?;
+    let mut out = Export::default();
+    // Listing is newest first; a training file reads naturally oldest first.
+    for r in records.iter().rev() {
+        if since_ms.is_some_and(|s| r.time_ms < s) || until_ms.is_some_and(|u| r.time_ms >= u) {
+            continue;
+        }
+        let Some(review) = &r.review else { continue };
+        match r.open_text(keyring) {
+            Ok(Some((context, response))) => {
+                let line = Line {
+                    context: &context,
+                    response: &response,
+                    label: review.label.id(),
+                    category: review.label.display_name(),
+                };
+                if let Ok(mut l) = serde_json::to_vec(&line) {
+                    out.jsonl.append(&mut l);
+                    out.jsonl.push(b'\n');
+                    out.lines += 1;
+                }
+            }
+            Ok(None) | Err(_) => out.skipped += 1,
+        }
+    }
+    Ok(out)
+}
