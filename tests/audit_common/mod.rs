@@ -75,11 +75,18 @@ pub fn sealed(i: usize, mode: TextMode) -> StoredRecord {
     StoredRecord::seal(record(i), mode, Some(&keyring()), Some(&pseudonymizer())).unwrap()
 }
 
-/// The PostgreSQL URL, or `None` after printing why the test is skipped.
+/// The PostgreSQL URL, or `None` after printing why the test is skipped
+/// (a failure instead when `CAREWALL_REQUIRE_POSTGRES=1`).
 pub fn pg_url(test: &str) -> Option<String> {
     match std::env::var("CAREWALL_TEST_POSTGRES_URL") {
         Ok(u) if !u.is_empty() => Some(u),
         _ => {
+            if std::env::var("CAREWALL_REQUIRE_POSTGRES").as_deref() == Ok("1") {
+                panic!(
+                    "{test}: CAREWALL_REQUIRE_POSTGRES=1 but CAREWALL_TEST_POSTGRES_URL is not set; \
+                     set it to e.g. postgres://postgres@127.0.0.1:5432/test"
+                );
+            }
             eprintln!(
                 "SKIPPED {test}: CAREWALL_TEST_POSTGRES_URL is not set, so the PostgreSQL tests \
                  do not run on this machine (.ci/run sets it to postgres://postgres@127.0.0.1:5432/test)"

@@ -221,6 +221,7 @@ function onKey(ev) {
   else if (ev.key === "j" || ev.key === "ArrowDown") { ev.preventDefault(); select(state.selected + 1); }
   else if (ev.key === "k" || ev.key === "ArrowUp") { ev.preventDefault(); select(state.selected - 1); }
   else if (ev.key === "/") { ev.preventDefault(); $("search").focus(); }
+  else if (ev.key === "r") { ev.preventDefault(); load(false); }
 }
 
 function init() {
