@@ -376,3 +376,55 @@ async fn admin_api_without_token_is_disabled_and_wrong_key_is_reported() {
         "{v}"
     );
 }
+
+/// The path the gateway takes: TOML sections -> validated settings (key from
+/// the environment) -> `AuditSink::open` -> a flagged record -> the API.
+#[tokio::test]
+async fn config_to_sink_to_api() {
+    use carewall::audit::{AdminSettings, AuditSettings, RawAdminSection, RawAuditSection};
+    let dir = tempfile::tempdir().unwrap();
+    let raw: RawAuditSection = toml::from_str(
+        "url = \"sqlite://audit.db\"\ntext = \"full\"\nflush_interval_ms = 50\noverflow = \"drop\"",
+    )
+    .unwrap();
+    let key = key_b64();
+    let env = move |n: &str| match n {
+        "CAREWALL__AUDIT__ENCRYPTION_KEY" => Some(key.clone()),
+        "CAREWALL__ADMIN__TOKEN" => Some(TOKEN.to_string()),
+        _ => None,
+    };
+    let settings = AuditSettings::from_raw(&raw, dir.path(), &env).unwrap();
+    let admin = AdminSettings::from_raw(&RawAdminSection::default(), dir.path(), &env).unwrap();
+    let (sink, store) = AuditSink::open(&settings).await.unwrap();
+    assert!(
+        dir.path().join("audit.db").exists(),
+        "SQLite file next to the config"
+    );
+    let mut allowed = record(3);
+    allowed.request_id = "allowed".into();
+    assert_eq!(
+        sink.submit(allowed).await,
+        carewall::audit::SubmitOutcome::SampledOut
+    );
+    assert_eq!(
+        sink.submit(record(4)).await,
+        carewall::audit::SubmitOutcome::Queued
+    );
+    sink.flush().await;
+    let base = serve_admin(AdminState::new(
+        store.clone(),
+        settings.keyring.clone(),
+        &admin,
+    ))
+    .await;
+    let (s, v) = get(&base, "/admin/api/records?category=toxic_language").await;
+    assert_eq!(s, 200);
+    assert_eq!(v["items"][0]["request_id"], "req-0004");
+    assert_eq!(v["items"][0]["text_mode"], "full");
+    assert!(v["items"][0]["context"]
+        .as_str()
+        .unwrap()
+        .contains("13812345678"));
+    sink.shutdown().await;
+    store.close().await.unwrap();
+}

@@ -250,6 +250,7 @@ pub async fn export(state: &AdminState, query: &str) -> Resp {
         }
     }
     let e = reviewed_jsonl(state.store.as_ref(), state.keyring.as_ref(), since, until).await?;
+    tracing::info!(lines = e.lines, skipped = e.skipped, "audit export");
     let mut resp = bytes_response(StatusCode::OK, "application/x-ndjson", Bytes::from(e.jsonl));
     let h = resp.headers_mut();
     h.insert(

@@ -317,7 +317,7 @@ impl AuditSettings {
             None => TextMode::None,
             Some(s) => match TextMode::parse(s) {
                 Some(m) => {
-                    if m != TextMode::None && keyring.is_none() && enc_key.is_none() {
+                    if m != TextMode::None && keyring.is_none() {
                         errors.push(format!("audit.text = \"{s}\" needs an encryption key: set CAREWALL__AUDIT__ENCRYPTION_KEY (base64 of 32 bytes, e.g. from `openssl rand -base64 32`) or audit.encryption_key_file, or set audit.text = \"none\""));
                     }
                     m
