@@ -319,7 +319,44 @@ async fn console_login_filter_relabel_export_screenshot() {
         .await;
     assert_eq!(msg, "Exported 1 reviewed records");
 
-    // Back to the relabelled one for the screenshot.
+    // --- a new flagged record is announced without moving the list ---
+    let mut fresh = record(28);
+    fresh.action = "block".into();
+    assert_eq!(fresh.category, Category::ToxicLanguage);
+    sink.try_submit(fresh);
+    sink.flush().await;
+    d.wait_for(
+        "the new-records notice",
+        "const b = document.getElementById('new-records'); return b.hidden ? null : b.textContent",
+        |v| v.as_str().is_some_and(|t| t.starts_with("1 new")),
+    )
+    .await;
+    let ids = d
+        .js("return Array.from(document.querySelectorAll('#queue li')).map(li => li.dataset.id)")
+        .await;
+    assert_eq!(
+        ids,
+        json!(["req-0020", "req-0012", "req-0004"]),
+        "not inserted by itself"
+    );
+    d.click("#new-records").await;
+    // Reloading applies the "not yet reviewed" filter: req-0020 is done.
+    d.wait_for(
+        "the reloaded queue",
+        "return Array.from(document.querySelectorAll('#queue li')).map(li => li.dataset.id)",
+        |v| v == &json!(["req-0028", "req-0012", "req-0004"]),
+    )
+    .await;
+
+    // Show the reviewed one for the screenshot.
+    d.click("#filter-reviewed option[value='']").await;
+    d.click("#apply").await;
+    d.wait_for(
+        "all toxic records",
+        "return document.querySelectorAll('#queue li').length",
+        |v| v == 4,
+    )
+    .await;
     let _ = d
         .js("document.querySelector('#queue li[data-id=\"req-0020\"]').click(); return 0")
         .await;

@@ -15,7 +15,10 @@ const TAXONOMY = [
 ];
 
 const $ = (id) => document.getElementById(id);
-const state = { items: [], cursor: null, selected: -1 };
+const state = { items: [], cursor: null, selected: -1, poll: null };
+// How often the console checks for new records. New ones are announced, not
+// inserted, so the list never moves under the counsellor's cursor.
+const POLL_MS = 5000;
 
 function el(tag, attrs, ...children) {
   const e = document.createElement(tag);
@@ -43,6 +46,7 @@ async function api(path, opts = {}) {
 
 function signOut(msg) {
   sessionStorage.removeItem("carewall.token");
+  if (state.poll) { clearInterval(state.poll); state.poll = null; }
   $("app").hidden = true; $("logout").hidden = true; $("login").hidden = false;
   $("login-error").textContent = msg || "";
   $("token").focus();
@@ -66,6 +70,7 @@ function showApp() {
   $("login").hidden = true; $("app").hidden = false; $("logout").hidden = false;
   status("Signed in as " + (sessionStorage.getItem("carewall.reviewer") || "?"));
   load(false);
+  if (!state.poll) state.poll = setInterval(checkNew, POLL_MS);
 }
 
 function query() {
@@ -88,9 +93,25 @@ async function load(more) {
     state.cursor = body.next_cursor;
     $("more").hidden = !state.cursor;
     render();
+    if (!more) $("new-records").hidden = true;
     if (!more && state.items.length) select(0);
     if (!state.items.length) { $("detail-h").textContent = "Nothing matches these filters"; $("detail-body").hidden = true; }
   } catch (e) { status("Could not load records: " + e.message); }
+}
+
+async function checkNew() {
+  if ($("app").hidden || document.hidden) return;
+  const p = query();
+  p.set("text", "false");
+  try {
+    const body = await (await api("/admin/api/records?" + p.toString())).json();
+    const newest = state.items.length ? state.items[0].time_ms : -1;
+    const known = new Set(state.items.map((it) => it.request_id));
+    const fresh = body.items.filter((it) => it.time_ms >= newest && !known.has(it.request_id)).length;
+    const b = $("new-records");
+    b.hidden = fresh === 0;
+    b.textContent = fresh + (body.next_cursor && fresh === body.items.length ? "+" : "") + " new \u2014 load";
+  } catch (_) { /* the next poll retries; errors already show in the status line */ }
 }
 
 function matchesSearch(it, q) {
@@ -235,6 +256,7 @@ function init() {
   $("logout").addEventListener("click", () => signOut("Signed out."));
   $("filters").addEventListener("submit", (ev) => { ev.preventDefault(); load(false); });
   $("more").addEventListener("click", () => load(true));
+  $("new-records").addEventListener("click", () => load(false));
   $("search").addEventListener("input", render);
   $("export-btn").addEventListener("click", exportJsonl);
   document.addEventListener("keydown", onKey);
