@@ -64,6 +64,14 @@ impl PostgresStore {
             reason,
         };
         let mut opts = PgConnectOptions::from_str(url).map_err(|e| connect_err(e.to_string()))?;
+        // One direct connection first: the pool would retry a refused or
+        // misconfigured server until its acquire timeout, where a person
+        // starting the gateway wants the reason at once.
+        let probe = opts
+            .connect()
+            .await
+            .map_err(|e| connect_err(e.to_string()))?;
+        let _ = probe.close().await;
         if let Some(s) = schema {
             if s.is_empty()
                 || s.len() > 63
