@@ -1,7 +1,7 @@
 //! The review API (`/admin/api/*`, bearer-token protected) and the review
 //! console (`/admin`, static assets compiled into the binary).
 //!
-//! Mount: route every request whose path satisfies [`matches`] to
+//! Mount: route every request whose path satisfies [`matches()`] to
 //! [`handle`]. The handler is a plain async function over any
 //! `http_body::Body`, so it fits a hyper service and tests alike.
 //!
