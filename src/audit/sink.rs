@@ -151,16 +151,11 @@ impl AuditSink {
             retention_days: settings.retention_days,
             purge_every: Duration::from_secs(3600),
         };
-        let sealer = Sealer {
-            mode: settings.text,
-            keyring: settings.keyring.clone(),
-            pseudonymizer: settings.pseudonymizer.clone(),
-        };
         AuditSink::start_with(
             opts,
-            sealer.mode,
-            sealer.keyring,
-            sealer.pseudonymizer,
+            settings.text,
+            settings.keyring.clone(),
+            settings.pseudonymizer.clone(),
             store,
         )
     }
