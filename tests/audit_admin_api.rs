@@ -406,8 +406,12 @@ async fn config_to_sink_to_api() {
         sink.submit(allowed).await,
         carewall::audit::SubmitOutcome::SampledOut
     );
+    // Now, not 2026-01-01 like the other samples: the default 30-day
+    // retention purge runs at start and would race to delete an old record.
+    let mut fresh = record(4);
+    fresh.time = std::time::SystemTime::now();
     assert_eq!(
-        sink.submit(record(4)).await,
+        sink.submit(fresh).await,
         carewall::audit::SubmitOutcome::Queued
     );
     sink.flush().await;
