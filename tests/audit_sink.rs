@@ -159,15 +159,28 @@ impl std::io::Write for LogBuf {
     }
 }
 
+/// Capture every log line of this test binary. A global subscriber, not a
+/// thread-local one: tracing caches callsite interest process-wide, and a
+/// test thread without a subscriber can otherwise switch a callsite off
+/// for the thread that has one.
+fn captured_logs() -> LogBuf {
+    static LOGS: std::sync::OnceLock<LogBuf> = std::sync::OnceLock::new();
+    LOGS.get_or_init(|| {
+        let logs = LogBuf::default();
+        let writer = logs.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .finish();
+        tracing::subscriber::set_global_default(subscriber).unwrap();
+        logs
+    })
+    .clone()
+}
+
 #[tokio::test]
 async fn drop_overflow_counts_logs_without_text_and_keeps_the_rest() {
-    let logs = LogBuf::default();
-    let logs2 = logs.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_writer(move || logs2.clone())
-        .with_ansi(false)
-        .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let logs = captured_logs();
 
     let (_dir, store) = sqlite().await;
     let gate = Arc::new(Semaphore::new(0));
