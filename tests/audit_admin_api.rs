@@ -341,10 +341,10 @@ async fn admin_api_over_postgres() {
         return;
     };
     let schema = unique_schema("api");
+    let _cleanup = SchemaGuard::new(&url, &schema);
     let store = pg_store(&url, &schema).await;
     api_contract(store.clone()).await;
     store.close().await.unwrap();
-    drop_schema(&url, &schema).await;
 }
 
 #[tokio::test]

@@ -192,6 +192,7 @@ async fn cli_over_postgres() {
         return;
     };
     let schema = unique_schema("cli");
+    let _cleanup = SchemaGuard::new(&url, &schema);
     let store: Arc<dyn AuditStore> = pg_store(&url, &schema).await;
     seed(store.as_ref()).await;
     store.close().await.unwrap();
@@ -201,5 +202,4 @@ async fn cli_over_postgres() {
     tokio::task::spawn_blocking(move || check_commands(&cli_url))
         .await
         .unwrap();
-    drop_schema(&url, &schema).await;
 }

@@ -280,10 +280,10 @@ async fn shutdown_drains_the_queue_postgres() {
         return;
     };
     let schema = unique_schema("sink");
+    let _cleanup = SchemaGuard::new(&url, &schema);
     let store = pg_store(&url, &schema).await;
     shutdown_drains(store.clone()).await;
     store.close().await.unwrap();
-    drop_schema(&url, &schema).await;
 }
 
 #[tokio::test]

@@ -218,6 +218,7 @@ async fn postgres_store_contract_and_encryption_at_rest() {
         return;
     };
     let schema = unique_schema("store");
+    let _cleanup = SchemaGuard::new(&url, &schema);
     let store = pg_store(&url, &schema).await;
     assert_eq!(store.backend(), "postgres");
     contract(store.as_ref()).await;
@@ -250,7 +251,6 @@ async fn postgres_store_contract_and_encryption_at_rest() {
     assert!(again.get("req-0100").await.unwrap().is_some());
     store.close().await.unwrap();
     again.close().await.unwrap();
-    drop_schema(&url, &schema).await;
 }
 
 #[tokio::test]

@@ -173,3 +173,36 @@ pub fn admin_settings() -> carewall::audit::AdminSettings {
         token: Some(TOKEN.to_string()),
     }
 }
+
+/// Drops its test schema when it goes out of scope, also when the test
+/// panics, so failed runs leave nothing behind in the shared database.
+pub struct SchemaGuard {
+    url: String,
+    schema: String,
+}
+
+impl SchemaGuard {
+    pub fn new(url: &str, schema: &str) -> SchemaGuard {
+        SchemaGuard {
+            url: url.to_string(),
+            schema: schema.to_string(),
+        }
+    }
+}
+
+impl Drop for SchemaGuard {
+    fn drop(&mut self) {
+        let (url, schema) = (self.url.clone(), self.schema.clone());
+        // Drop may run inside the test's runtime, which cannot be blocked
+        // on: clean up from a thread with a runtime of its own.
+        let _ = std::thread::spawn(move || {
+            if let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                rt.block_on(drop_schema(&url, &schema));
+            }
+        })
+        .join();
+    }
+}
