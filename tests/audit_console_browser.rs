@@ -95,6 +95,31 @@ impl Driver {
     }
 }
 
+/// Ends the WebDriver session (closing Chromium) when dropped, also when
+/// the test panics; otherwise killing chromedriver would orphan the browser.
+struct SessionGuard {
+    wd: String,
+    session: String,
+}
+
+impl Drop for SessionGuard {
+    fn drop(&mut self) {
+        let url = format!("{}/session/{}", self.wd, self.session);
+        // Drop may run on the test's runtime, which must not be blocked on.
+        let _ = std::thread::spawn(move || {
+            if let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                rt.block_on(async {
+                    let _ = reqwest::Client::new().delete(url).send().await;
+                });
+            }
+        })
+        .join();
+    }
+}
+
 fn browser_paths() -> Option<(PathBuf, PathBuf)> {
     let chromium = ["/usr/bin/chromium", "/usr/bin/chromium-browser"]
         .into_iter()
@@ -202,6 +227,10 @@ async fn console_login_filter_relabel_export_screenshot() {
         .as_str()
         .unwrap_or_else(|| panic!("no session: {created}"))
         .to_string();
+    let _session_guard = SessionGuard {
+        wd: wd.clone(),
+        session: session.clone(),
+    };
     let d = Driver {
         http: http.clone(),
         base: wd.clone(),
@@ -365,9 +394,5 @@ async fn console_login_filter_relabel_export_screenshot() {
     assert!(std::fs::metadata(&shot).unwrap().len() > 10_000);
     eprintln!("screenshot: {}", shot.display());
 
-    let _ = http
-        .delete(format!("{wd}/session/{}", d.session))
-        .send()
-        .await;
     sink.shutdown().await;
 }
