@@ -3,3 +3,4 @@
 
 pub mod classifier;
 pub mod cli;
+pub mod telemetry;

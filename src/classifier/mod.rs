@@ -183,6 +183,8 @@ pub fn build(settings: &ClassifierSettings) -> Result<std::sync::Arc<dyn Classif
             "the ONNX classifier is not built into this binary yet (model_dir {})",
             settings.model_dir.display()
         ))),
-        ClassifierKind::Keyword => Err(BuildError("the keyword classifier is not built yet".into())),
+        ClassifierKind::Keyword => {
+            Err(BuildError("the keyword classifier is not built yet".into()))
+        }
     }
 }
