@@ -179,6 +179,13 @@ where
     let otel_layer = tracer_provider.as_ref().map(|p| {
         tracing_opentelemetry::layer()
             .with_tracer(p.tracer("carewall"))
+            // Only the attributes `spans` declares: no source paths, thread
+            // names or timing counters on every span.
+            .with_location(false)
+            .with_threads(false)
+            .with_target(false)
+            .with_level(false)
+            .with_tracked_inactivity(false)
             .with_filter(LevelFilter::INFO)
             .boxed()
     });

@@ -125,7 +125,7 @@ pub fn classify_span(parent: &Span, stage: &'static str, index: u32) -> Span {
         "carewall.classify",
         otel.status_code = Empty,
         carewall.classify.stage = stage,
-        carewall.classify.index = index,
+        carewall.classify.index = i64::from(index),
         carewall.category = Empty,
         carewall.score = Empty,
         error.type = Empty,
@@ -188,8 +188,10 @@ pub fn record_response_model(span: &Span, model: &str) {
 
 /// Token usage as reported by the provider.
 pub fn record_usage(span: &Span, input_tokens: u64, output_tokens: u64) {
-    span.record(attr::GEN_AI_USAGE_INPUT_TOKENS, input_tokens);
-    span.record(attr::GEN_AI_USAGE_OUTPUT_TOKENS, output_tokens);
+    // As i64: tracing-opentelemetry exports `u64` fields as strings.
+    let int = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+    span.record(attr::GEN_AI_USAGE_INPUT_TOKENS, int(input_tokens));
+    span.record(attr::GEN_AI_USAGE_OUTPUT_TOKENS, int(output_tokens));
 }
 
 /// HTTP status sent to the client (request span) or received from the
