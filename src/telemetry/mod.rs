@@ -43,7 +43,7 @@ use crate::classifier::Category;
 #[derive(Debug, thiserror::Error)]
 pub enum TelemetryError {
     /// A log filter directive did not parse.
-    #[error("`{key}`: invalid log filter `{directive}`: {reason} (examples: `info`, `carewall=debug,info`)")]
+    #[error("{key}: `{directive}` is not a log filter directive ({reason}); e.g. `info` or `carewall=debug,info`")]
     LogFilter {
         /// `logging.level` or the `RUST_LOG` variable.
         key: &'static str,

@@ -81,7 +81,7 @@ pub struct SettingsError {
 
 impl fmt::Display for SettingsError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "`{}`: {}", self.key, self.message)
+        write!(f, "{}: {}", self.key, self.message)
     }
 }
 
@@ -298,7 +298,7 @@ mod tests {
         );
         assert_eq!(
             errors[2].to_string(),
-            "`telemetry.sample_ratio`: must be in 0..=1, got 1.7"
+            "telemetry.sample_ratio: must be in 0..=1, got 1.7"
         );
     }
 
