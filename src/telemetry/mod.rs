@@ -29,10 +29,12 @@ use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::{Layer, Registry};
 
 mod metrics;
+mod request;
 mod settings;
 pub mod spans;
 
 pub use metrics::{Metrics, Queue, PROMETHEUS_CONTENT_TYPE};
+pub use request::{Classification, RequestTelemetry, UpstreamCall};
 pub use settings::{
     LogFormat, LoggingOptions, RawTelemetrySettings, SettingsError, TelemetrySettings,
 };
