@@ -338,3 +338,18 @@ impl Classification {
         self.metrics.record_classifier_error(kind);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The proxy moves these into spawned tasks and response bodies.
+    #[test]
+    fn request_parts_can_move_across_tasks() {
+        fn movable<T: Send + Sync + 'static>() {}
+        movable::<RequestTelemetry>();
+        movable::<UpstreamCall>();
+        movable::<Classification>();
+        movable::<Metrics>();
+    }
+}

@@ -329,10 +329,18 @@ mod tests {
     fn environment_variable_reaches_the_field() {
         // The gateway layers `CAREWALL__SECTION__KEY` with the `config` crate;
         // this pins the variable name operators and outside checks use.
-        let env = std::collections::HashMap::from([(
-            "CAREWALL__TELEMETRY__OTLP_ENDPOINT".to_owned(),
-            "http://collector:4318".to_owned(),
-        )]);
+        let env: std::collections::HashMap<String, String> = [
+            (
+                "CAREWALL__TELEMETRY__OTLP_ENDPOINT",
+                "http://collector:4318",
+            ),
+            ("CAREWALL__TELEMETRY__SAMPLE_RATIO", "0.25"),
+            ("CAREWALL__TELEMETRY__EXPORT_INTERVAL_SECS", "5"),
+            ("CAREWALL__TELEMETRY__PROMETHEUS", "false"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
         let cfg = config::Config::builder()
             .add_source(
                 config::Environment::with_prefix("CAREWALL")
@@ -344,5 +352,10 @@ mod tests {
             .and_then(|c| c.get::<RawTelemetrySettings>("telemetry"));
         let raw = cfg.unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(raw.otlp_endpoint.as_deref(), Some("http://collector:4318"));
+        // Environment values are strings; numbers and booleans still parse.
+        let s = raw.validate().unwrap_or_else(|e| panic!("{e:?}"));
+        assert_eq!(s.sample_ratio, 0.25);
+        assert_eq!(s.export_interval, Duration::from_secs(5));
+        assert!(!s.prometheus);
     }
 }
