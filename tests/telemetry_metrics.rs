@@ -256,3 +256,38 @@ fn prometheus_text_parser_rejects_what_prometheus_rejects() {
         assert!(promtext::parse(bad).is_err(), "accepted {bad:?}");
     }
 }
+
+/// Prometheus' own parser and linter, when installed (Debian package
+/// `prometheus`): `promtool check metrics` reads the exposition on stdin.
+#[test]
+fn promtool_accepts_the_exposition() -> anyhow::Result<()> {
+    use std::io::Write as _;
+    use std::process::{Command, Stdio};
+    let Ok(mut child) = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+    else {
+        eprintln!("skipping: promtool is not installed (apt-get install prometheus)");
+        return Ok(());
+    };
+    let metrics = Metrics::new(&TelemetrySettings::default())?;
+    traffic(&metrics);
+    metrics.set_queue_depth(Queue::Audit, 2);
+    metrics.record_audit_dropped(1);
+    metrics.record_classifier_error("overloaded");
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin.write_all(metrics.render_prometheus().as_bytes())?;
+    }
+    let out = child.wait_with_output()?;
+    let report = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "promtool check metrics: {report}");
+    assert!(report.trim().is_empty(), "promtool lint findings: {report}");
+    Ok(())
+}
