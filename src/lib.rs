@@ -5,3 +5,4 @@ pub mod admin;
 pub mod audit;
 pub mod classifier;
 pub mod cli;
+pub mod telemetry;
