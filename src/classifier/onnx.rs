@@ -1,0 +1,317 @@
+//! The shipped model served through ONNX Runtime (`ort`, loaded at run time)
+//! behind the micro-batcher.
+//!
+//! Invariant: a constructed [`OnnxClassifier`] has checked the model folder
+//! against its contract (files, labels, graph inputs/outputs) and loaded one
+//! session per worker; inference happens only on the batcher's threads.
+
+use std::borrow::Cow;
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::sync::Arc;
+
+use ort::session::builder::GraphOptimizationLevel;
+use ort::session::{Session, SessionInputValue};
+use ort::value::{Tensor, TensorElementType, ValueType};
+
+use super::batch::{BatchConfig, BatchEngine, BatchStats, Batcher};
+use super::model::{init_ort, load_tokenizer, locate_ort_dylib, ModelFiles, ModelSpec};
+use super::tokenize::{pad, softmax, EncodedPair, Layout, PaddedBatch, PairEncoder};
+use super::{BuildError, Category, Classifier, ClassifierSettings, ClassifyFuture, Pair, Scores};
+
+/// One ONNX session plus the shared tokeniser: scores batches synchronously.
+/// Used by the batcher's workers, and directly by benchmarks and the parity
+/// test.
+pub struct OnnxModel {
+    session: Session,
+    encoder: Arc<PairEncoder>,
+    spec: Arc<ModelSpec>,
+    files: Arc<ModelFiles>,
+    env: ort::environment::Environment,
+    intra_threads: usize,
+}
+
+impl OnnxModel {
+    /// Load the model in `model_dir` with ONNX Runtime from `ort_dylib_path`
+    /// (or `ORT_DYLIB_PATH`, or the set-up script's location).
+    pub fn load(
+        model_dir: &Path,
+        ort_dylib_path: Option<&Path>,
+        intra_threads: usize,
+    ) -> Result<OnnxModel, BuildError> {
+        let files = ModelFiles::locate(model_dir)?;
+        let spec = ModelSpec::load(&files.spec)?;
+        let tokenizer = load_tokenizer(&files.tokenizer, &spec)?;
+        let dylib = locate_ort_dylib(ort_dylib_path)?;
+        let env = init_ort(&dylib)?;
+        let encoder = Arc::new(PairEncoder::new(tokenizer, Layout::from(&spec)));
+        let session = open_session(&env, &files, &spec, intra_threads)?;
+        Ok(OnnxModel {
+            session,
+            encoder,
+            spec: Arc::new(spec),
+            files: Arc::new(files),
+            env,
+            intra_threads,
+        })
+    }
+
+    /// Another session on the same model and tokeniser (one per worker).
+    pub fn another_session(&self) -> Result<OnnxModel, BuildError> {
+        Ok(OnnxModel {
+            session: open_session(&self.env, &self.files, &self.spec, self.intra_threads)?,
+            encoder: Arc::clone(&self.encoder),
+            spec: Arc::clone(&self.spec),
+            files: Arc::clone(&self.files),
+            env: self.env.clone(),
+            intra_threads: self.intra_threads,
+        })
+    }
+
+    /// The model's contract as read from `carewall-model.json`.
+    pub fn spec(&self) -> &ModelSpec {
+        &self.spec
+    }
+
+    /// Tokenise one pair per the input contract.
+    pub fn encode(&self, pair: &Pair) -> Result<EncodedPair, String> {
+        self.encoder.encode(pair)
+    }
+
+    /// The tokeniser and layout.
+    pub fn encoder(&self) -> &PairEncoder {
+        &self.encoder
+    }
+
+    /// Raw logits, one row of 8 per padded pair.
+    pub fn logits(&mut self, batch: &PaddedBatch) -> Result<Vec<[f32; 8]>, String> {
+        if batch.batch == 0 {
+            return Ok(Vec::new());
+        }
+        let shape = [batch.batch as i64, batch.seq as i64];
+        let tensor = |data: &Vec<i64>| {
+            Tensor::from_array((shape, data.clone()))
+                .map_err(|e| format!("cannot build input tensor: {e}"))
+        };
+        let mut inputs: Vec<(Cow<'static, str>, SessionInputValue<'static>)> = vec![
+            ("input_ids".into(), tensor(&batch.input_ids)?.into()),
+            (
+                "attention_mask".into(),
+                tensor(&batch.attention_mask)?.into(),
+            ),
+        ];
+        if self.spec.uses_token_type_ids() {
+            inputs.push((
+                "token_type_ids".into(),
+                tensor(&batch.token_type_ids)?.into(),
+            ));
+        }
+        let outputs = self
+            .session
+            .run(inputs)
+            .map_err(|e| format!("inference failed: {e}"))?;
+        let value = outputs
+            .get(&self.spec.output)
+            .ok_or_else(|| format!("model produced no output named {:?}", self.spec.output))?;
+        let (out_shape, data) = value
+            .try_extract_tensor::<f32>()
+            .map_err(|e| format!("output {:?} is not a float tensor: {e}", self.spec.output))?;
+        if **out_shape != [batch.batch as i64, 8] {
+            return Err(format!(
+                "output {:?} has shape {:?}, expected [{}, 8]",
+                self.spec.output, &**out_shape, batch.batch
+            ));
+        }
+        Ok(data
+            .chunks_exact(8)
+            .map(|row| {
+                let mut r = [0.0f32; 8];
+                r.copy_from_slice(row);
+                r
+            })
+            .collect())
+    }
+
+    /// Tokenise, pad, run and softmax: probabilities per pair.
+    pub fn scores(&mut self, pairs: &[&Pair]) -> Result<Vec<Scores>, String> {
+        let encoded = pairs
+            .iter()
+            .map(|p| self.encoder.encode(p))
+            .collect::<Result<Vec<_>, _>>()?;
+        let batch = pad(&encoded, self.spec.pad_id);
+        Ok(self.logits(&batch)?.iter().map(probabilities).collect())
+    }
+}
+
+/// Softmax of one logits row as [`Scores`].
+pub fn probabilities(logits: &[f32; 8]) -> Scores {
+    let p = softmax(logits);
+    let mut s = [0.0f32; 8];
+    s.copy_from_slice(&p);
+    Scores(s)
+}
+
+impl BatchEngine for OnnxModel {
+    fn run(&mut self, pairs: &[&Pair]) -> Result<Vec<Scores>, String> {
+        self.scores(pairs)
+    }
+}
+
+fn open_session(
+    env: &ort::environment::Environment,
+    files: &ModelFiles,
+    spec: &ModelSpec,
+    intra_threads: usize,
+) -> Result<Session, BuildError> {
+    let path = &files.model;
+    let corrupt = |e: String| {
+        BuildError(format!(
+            "cannot load {}: {e}; the file is not a usable ONNX model (restore it from git or \
+             re-export it with training/)",
+            path.display()
+        ))
+    };
+    let session = Session::builder(env)
+        .map_err(|e| corrupt(e.to_string()))?
+        .with_optimization_level(GraphOptimizationLevel::Level3)
+        .map_err(|e| corrupt(e.to_string()))?
+        .with_intra_threads(intra_threads.max(1))
+        .map_err(|e| corrupt(e.to_string()))?
+        // Inference threads are ours; ORT's inter-op pool would only compete.
+        .with_inter_threads(1)
+        .map_err(|e| corrupt(e.to_string()))?
+        .commit_from_file(path)
+        .map_err(|e| corrupt(e.to_string()))?;
+    check_signature(&session, spec, path)?;
+    Ok(session)
+}
+
+/// The graph must take exactly the inputs the spec lists (int64) and produce
+/// the named output as float `[batch, 8]`.
+fn check_signature(session: &Session, spec: &ModelSpec, path: &Path) -> Result<(), BuildError> {
+    let mismatch = |what: String| {
+        BuildError(format!(
+            "{} does not match {}: {what}; the model and carewall-model.json come from \
+             different exports (re-export both with training/)",
+            path.display(),
+            super::model::SPEC_FILE
+        ))
+    };
+    let graph: BTreeSet<&str> = session.inputs().iter().map(|i| i.name()).collect();
+    let listed: BTreeSet<&str> = spec.inputs.iter().map(String::as_str).collect();
+    if graph != listed {
+        return Err(mismatch(format!(
+            "graph inputs {graph:?}, listed inputs {listed:?}"
+        )));
+    }
+    for input in session.inputs() {
+        if let ValueType::Tensor { ty, .. } = input.dtype() {
+            if *ty != TensorElementType::Int64 {
+                return Err(mismatch(format!(
+                    "input {:?} is {ty:?}, expected int64",
+                    input.name()
+                )));
+            }
+        }
+    }
+    let output = session
+        .outputs()
+        .iter()
+        .find(|o| o.name() == spec.output)
+        .ok_or_else(|| {
+            let names: Vec<&str> = session.outputs().iter().map(|o| o.name()).collect();
+            mismatch(format!(
+                "no output {:?} (graph outputs: {names:?})",
+                spec.output
+            ))
+        })?;
+    match output.dtype() {
+        ValueType::Tensor {
+            ty: TensorElementType::Float32,
+            shape,
+            ..
+        } if shape.len() == 2 && (shape[1] == Category::ALL.len() as i64 || shape[1] < 0) => Ok(()),
+        other => Err(mismatch(format!(
+            "output {:?} is {other:?}, expected float32 [batch, 8]",
+            spec.output
+        ))),
+    }
+}
+
+/// The ONNX classifier: one session per worker behind a bounded micro-batching
+/// queue.
+pub struct OnnxClassifier {
+    batcher: Batcher,
+    name: String,
+    spec: ModelSpec,
+}
+
+impl OnnxClassifier {
+    /// Load the model and start the workers. Reads `model_dir`,
+    /// `ort_dylib_path`, `intra_threads`, `workers`, `max_batch`, `max_wait`,
+    /// `queue_capacity` and `timeout` from `settings` (not `kind`).
+    pub fn new(settings: &ClassifierSettings) -> Result<OnnxClassifier, BuildError> {
+        if settings.workers == 0 {
+            return Err(BuildError("`classifier.workers` must be at least 1".into()));
+        }
+        let first = OnnxModel::load(
+            &settings.model_dir,
+            settings.ort_dylib_path.as_deref(),
+            settings.intra_threads,
+        )?;
+        let spec = first.spec().clone();
+        let mut engines = Vec::with_capacity(settings.workers);
+        for _ in 1..settings.workers {
+            engines.push(first.another_session()?);
+        }
+        engines.push(first);
+        let batcher = Batcher::start(
+            engines,
+            BatchConfig {
+                max_batch: settings.max_batch,
+                max_wait: settings.max_wait,
+                queue_capacity: settings.queue_capacity,
+                timeout: settings.timeout,
+            },
+        )
+        .map_err(|e| BuildError(format!("classifier settings: {e}")))?;
+        let name = if spec.version.is_empty() {
+            spec.name.clone()
+        } else {
+            format!("{}@{}", spec.name, spec.version)
+        };
+        Ok(OnnxClassifier {
+            batcher,
+            name,
+            spec,
+        })
+    }
+
+    /// Live batching counters (batch sizes, queue depth, overloads, ...).
+    pub fn stats(&self) -> Arc<BatchStats> {
+        self.batcher.stats()
+    }
+
+    /// The model's contract as read from `carewall-model.json`.
+    pub fn spec(&self) -> &ModelSpec {
+        &self.spec
+    }
+}
+
+impl Classifier for OnnxClassifier {
+    fn classify(&self, pair: Pair) -> ClassifyFuture<'_> {
+        Box::pin(self.batcher.submit(pair))
+    }
+
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn is_ready(&self) -> bool {
+        self.batcher.is_running()
+    }
+
+    fn batch_stats(&self) -> Option<Arc<BatchStats>> {
+        Some(self.stats())
+    }
+}
