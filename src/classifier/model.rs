@@ -225,7 +225,7 @@ fn locate_ort_dylib_from(
     env: Option<&Path>,
 ) -> Result<PathBuf, BuildError> {
     if let Some(p) = configured {
-        return existing(p, "`classifier.ort_dylib_path`");
+        return existing(p, "`classifier.ort_dylib_path` / --ort-dylib-path");
     }
     if let Some(p) = env {
         return existing(p, "ORT_DYLIB_PATH");
@@ -236,7 +236,10 @@ fn locate_ort_dylib_from(
     }
     if let Ok(exe) = std::env::current_exe() {
         for dir in exe.ancestors().skip(1) {
-            candidates.push(dir.join(DEFAULT_ORT_DYLIB));
+            let candidate = dir.join(DEFAULT_ORT_DYLIB);
+            if !candidates.contains(&candidate) {
+                candidates.push(candidate);
+            }
         }
     }
     if let Some(found) = candidates.iter().find(|p| p.is_file()) {

@@ -173,7 +173,7 @@ fn open_session(
     };
     let session = Session::builder(env)
         .map_err(|e| corrupt(e.to_string()))?
-        .with_optimization_level(GraphOptimizationLevel::Level3)
+        .with_optimization_level(GraphOptimizationLevel::All)
         .map_err(|e| corrupt(e.to_string()))?
         .with_intra_threads(intra_threads.max(1))
         .map_err(|e| corrupt(e.to_string()))?

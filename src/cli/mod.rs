@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+pub mod classify;
 pub mod eval;
 
 #[derive(Debug, Parser)]
@@ -22,6 +23,9 @@ pub struct Cli {
 pub enum Command {
     /// Evaluate the classifier on labelled JSONL (the `dev.jsonl` format).
     Eval(eval::EvalArgs),
+    /// Classify JSONL `{"context", "response"}` lines from stdin; one JSONL
+    /// verdict per line on stdout.
+    Classify(classify::ClassifyArgs),
 }
 
 /// Parse the command line and run the chosen subcommand.
@@ -29,6 +33,7 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Eval(args) => eval::run(args),
+        Command::Classify(args) => classify::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
