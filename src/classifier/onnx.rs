@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use ort::session::builder::GraphOptimizationLevel;
 use ort::session::{Session, SessionInputValue};
-use ort::value::{Tensor, TensorElementType, ValueType};
+use ort::value::{TensorElementType, TensorRef, ValueType};
 
 use super::batch::{BatchConfig, BatchEngine, BatchStats, Batcher};
 use super::model::{init_ort, load_tokenizer, locate_ort_dylib, ModelFiles, ModelSpec};
@@ -89,22 +89,13 @@ impl OnnxModel {
             return Ok(Vec::new());
         }
         let shape = [batch.batch as i64, batch.seq as i64];
-        let tensor = |data: &Vec<i64>| {
-            Tensor::from_array((shape, data.clone()))
-                .map_err(|e| format!("cannot build input tensor: {e}"))
-        };
-        let mut inputs: Vec<(Cow<'static, str>, SessionInputValue<'static>)> = vec![
-            ("input_ids".into(), tensor(&batch.input_ids)?.into()),
-            (
-                "attention_mask".into(),
-                tensor(&batch.attention_mask)?.into(),
-            ),
+        let tensor = |data| input_view(shape, data);
+        let mut inputs: Vec<(Cow<'static, str>, SessionInputValue<'_>)> = vec![
+            ("input_ids".into(), tensor(&batch.input_ids)?),
+            ("attention_mask".into(), tensor(&batch.attention_mask)?),
         ];
         if self.spec.uses_token_type_ids() {
-            inputs.push((
-                "token_type_ids".into(),
-                tensor(&batch.token_type_ids)?.into(),
-            ));
+            inputs.push(("token_type_ids".into(), tensor(&batch.token_type_ids)?));
         }
         let outputs = self
             .session
@@ -141,6 +132,14 @@ impl OnnxModel {
         let batch = pad(&encoded, self.spec.pad_id);
         Ok(self.logits(&batch)?.iter().map(probabilities).collect())
     }
+}
+
+/// A borrowed input tensor: views, not copies, since the padded batch
+/// outlives the run.
+fn input_view(shape: [i64; 2], data: &[i64]) -> Result<SessionInputValue<'_>, String> {
+    TensorRef::from_array_view((shape, data))
+        .map(SessionInputValue::from)
+        .map_err(|e| format!("cannot build input tensor: {e}"))
 }
 
 /// Softmax of one logits row as [`Scores`].
