@@ -321,3 +321,26 @@ fn broken_model_folders_give_errors_naming_path_and_fix() {
     let err = load_err(dir.path());
     assert!(err.contains("no output \"probabilities\""), "{err}");
 }
+
+#[test]
+fn pre_cutting_huge_texts_keeps_the_tokens_the_model_sees() {
+    let model = load(1);
+    let layout = *model.encoder().layout();
+    let seeker =
+        "[seeker]我最近总是失眠，白天上班也没精神，同事说我变了很多。I feel tired all the time. ";
+    let supporter = "[supporter]听起来你真的很累，愿意多说说吗？";
+    let pair = Pair {
+        context: format!("{seeker}{supporter}").repeat(400),
+        response: format!(
+            "[supporter]{}",
+            "我理解你的感受，也想陪你一起想办法。Let's take it slowly. ".repeat(300)
+        ),
+    };
+    assert!(pair.context.chars().count() > layout.max_length * 32);
+    let cut = model.encode(&pair).expect("encode");
+    let ctx = model.encoder().ids(&pair.context).expect("ids");
+    let resp = model.encoder().ids(&pair.response).expect("ids");
+    let full = carewall::classifier::tokenize::assemble(&ctx, &resp, &layout);
+    assert_eq!(cut, full);
+    assert_eq!(cut.len(), layout.max_length);
+}

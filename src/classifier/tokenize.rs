@@ -99,10 +99,46 @@ impl PairEncoder {
     }
 
     /// Encode a pair per the input contract.
+    ///
+    /// Texts far longer than the model can see are cut (by characters)
+    /// before tokenisation, so a huge message cannot stall a worker; the
+    /// margin of [`CHARS_PER_TOKEN_MARGIN`] characters per kept token leaves
+    /// the kept tokens unchanged (SentencePiece pieces are at most 16
+    /// characters), which the parity tests check on long inputs.
     pub fn encode(&self, pair: &Pair) -> Result<EncodedPair, String> {
-        let context = self.ids(&pair.context)?;
-        let response = self.ids(&pair.response)?;
+        let context = tail_chars(
+            &pair.context,
+            self.layout.max_length * CHARS_PER_TOKEN_MARGIN,
+        );
+        let response = head_chars(
+            &pair.response,
+            self.layout.max_response_tokens * CHARS_PER_TOKEN_MARGIN,
+        );
+        let context = self.ids(context)?;
+        let response = self.ids(response)?;
         Ok(assemble(&context, &response, &self.layout))
+    }
+}
+
+/// Characters kept per token the model can see when pre-cutting long texts.
+pub const CHARS_PER_TOKEN_MARGIN: usize = 32;
+
+/// The first `n` characters of `s`.
+fn head_chars(s: &str, n: usize) -> &str {
+    match s.char_indices().nth(n) {
+        Some((i, _)) => &s[..i],
+        None => s,
+    }
+}
+
+/// The last `n` characters of `s`.
+fn tail_chars(s: &str, n: usize) -> &str {
+    if n == 0 {
+        return "";
+    }
+    match s.char_indices().rev().nth(n - 1) {
+        Some((i, _)) => &s[i..],
+        None => s,
     }
 }
 
@@ -229,6 +265,16 @@ mod tests {
         assert_eq!(&batch.attention_mask[..9], &[1, 1, 1, 1, 1, 1, 0, 0, 0]);
         assert_eq!(&batch.token_type_ids[..9], &[0, 0, 0, 0, 1, 1, 0, 0, 0]);
         assert_eq!(&batch.attention_mask[9..], &[1; 9]);
+    }
+
+    #[test]
+    fn char_cuts_respect_utf8() {
+        assert_eq!(head_chars("你好吗abc", 2), "你好");
+        assert_eq!(head_chars("ab", 5), "ab");
+        assert_eq!(tail_chars("abc你好吗", 2), "好吗");
+        assert_eq!(tail_chars("ab", 5), "ab");
+        assert_eq!(tail_chars("ab", 0), "");
+        assert_eq!(head_chars("ab", 0), "");
     }
 
     #[test]
