@@ -127,11 +127,12 @@ fn throughput(c: &mut Criterion) {
             })
             .collect(),
     );
-    for max_batch in [1, 16] {
+    // (workers, intra-op threads per worker, max_batch)
+    for (workers, intra, max_batch) in [(1, 2, 1), (1, 2, 16), (2, 1, 16)] {
         let settings = ClassifierSettings {
             model_dir: model_dir(),
-            intra_threads: 2,
-            workers: 1,
+            intra_threads: intra,
+            workers,
             max_batch,
             max_wait: Duration::from_millis(2),
             queue_capacity: 1024,
@@ -143,7 +144,7 @@ fn throughput(c: &mut Criterion) {
             Err(e) => panic!("benchmark needs the model: {e}"),
         };
         group.bench_function(
-            BenchmarkId::new("64_tasks", format!("max_batch_{max_batch}")),
+            BenchmarkId::new("64_tasks", format!("w{workers}_t{intra}_b{max_batch}")),
             |b| {
                 b.iter_custom(|iters| {
                     let mut total = Duration::ZERO;
@@ -175,7 +176,7 @@ fn throughput(c: &mut Criterion) {
         if let Some(stats) = classifier.batch_stats() {
             let s = stats.snapshot();
             eprintln!(
-                "max_batch {max_batch}: {} batches, mean size {:.1}, largest {}",
+                "workers {workers} x {intra} threads, max_batch {max_batch}: {} batches, mean size {:.1}, largest {}",
                 s.batches,
                 s.items as f64 / s.batches.max(1) as f64,
                 s.max_batch_seen()

@@ -123,15 +123,57 @@ impl OnnxModel {
             .collect())
     }
 
-    /// Tokenise, pad, run and softmax: probabilities per pair.
+    /// Tokenise, run and softmax: probabilities per pair, in input order.
+    /// Pairs of similar length share a session call (see [`length_groups`]).
     pub fn scores(&mut self, pairs: &[&Pair]) -> Result<Vec<Scores>, String> {
         let encoded = pairs
             .iter()
             .map(|p| self.encoder.encode(p))
             .collect::<Result<Vec<_>, _>>()?;
-        let batch = pad(&encoded, self.spec.pad_id);
-        Ok(self.logits(&batch)?.iter().map(probabilities).collect())
+        let lengths: Vec<usize> = encoded.iter().map(EncodedPair::len).collect();
+        let mut out = vec![Scores([0.0; 8]); pairs.len()];
+        for group in length_groups(&lengths, PADDING_SLACK) {
+            let members: Vec<EncodedPair> = group.iter().map(|&i| encoded[i].clone()).collect();
+            let logits = self.logits(&pad(&members, self.spec.pad_id))?;
+            for (&i, l) in group.iter().zip(&logits) {
+                out[i] = probabilities(l);
+            }
+        }
+        Ok(out)
     }
+}
+
+/// Padding allowed in one session call, as a share of the real tokens.
+pub const PADDING_SLACK: f64 = 0.25;
+
+/// Split a batch into groups of similar length (indices into `lengths`):
+/// sorted by length, a group grows while its padded size `count * longest`
+/// stays within `1 + slack` of its real tokens. On CPU a sequence already
+/// fills the matrix units, so a bigger call saves only per-call overhead,
+/// while padding costs real compute (quadratic in attention).
+pub fn length_groups(lengths: &[usize], slack: f64) -> Vec<Vec<usize>> {
+    let mut order: Vec<usize> = (0..lengths.len()).collect();
+    order.sort_by_key(|&i| lengths[i]);
+    let mut groups: Vec<Vec<usize>> = Vec::new();
+    let mut real = 0usize;
+    for i in order {
+        let len = lengths[i];
+        let fits = groups.last().is_some_and(|g| {
+            // Sorted ascending, so `len` is the new longest.
+            ((g.len() + 1) * len) as f64 <= (1.0 + slack) * (real + len) as f64
+        });
+        match groups.last_mut() {
+            Some(g) if fits => {
+                g.push(i);
+                real += len;
+            }
+            _ => {
+                groups.push(vec![i]);
+                real = len;
+            }
+        }
+    }
+    groups
 }
 
 /// A borrowed input tensor: views, not copies, since the padded batch
@@ -312,5 +354,29 @@ impl Classifier for OnnxClassifier {
 
     fn batch_stats(&self) -> Option<Arc<BatchStats>> {
         Some(self.stats())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn similar_lengths_share_a_call_and_outliers_get_their_own() {
+        // Equal lengths: one group, in any order.
+        assert_eq!(length_groups(&[40, 40, 40], 0.25), vec![vec![0, 1, 2]]);
+        // 40,41,42 pad to 42*3 = 126 <= 1.25 * 123; 256 would pad the rest to 1024.
+        assert_eq!(
+            length_groups(&[256, 41, 40, 42], 0.25),
+            vec![vec![2, 1, 3], vec![0]]
+        );
+        // No slack: only exact ties group.
+        assert_eq!(length_groups(&[10, 11, 10], 0.0), vec![vec![0, 2], vec![1]]);
+        assert!(length_groups(&[], 0.25).is_empty());
+        // Every index appears exactly once.
+        let lens = [5, 300, 17, 18, 90, 91, 256, 6, 7];
+        let mut all: Vec<usize> = length_groups(&lens, 0.25).concat();
+        all.sort_unstable();
+        assert_eq!(all, (0..lens.len()).collect::<Vec<_>>());
     }
 }
