@@ -41,7 +41,7 @@ def assemble(ctx: list[int], rsp: list[int], c: dict, max_length: int, max_resp:
     """The input contract of models/README.md (mirrors src/classifier/tokenize.rs)."""
     rsp = rsp[:max_resp]
     room = max(0, max_length - 4 - len(rsp))
-    ctx = ctx[len(ctx) - room:] if room else []
+    ctx = ctx[max(0, len(ctx) - room):] if room else []
     ids = [c["cls_id"]] + ctx + [c["sep_id"], c["sep_id"]] + rsp + [c["sep_id"]]
     tt = [0] * (len(ctx) + 3) + [1] * (len(rsp) + 1)
     return ids, tt

@@ -240,6 +240,14 @@ mod tests {
             &[0, 12, 13, 14, 15, 2, 2, 20, 21, 22, 23, 2],
             &[0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1],
         );
+        // Context shorter than its room (5 of 7) is kept whole; Python's
+        // `ctx[len(ctx) - room:]` would keep only the last 2 here.
+        check(
+            &[10, 11, 12, 13, 14],
+            &[20],
+            &[0, 10, 11, 12, 13, 14, 2, 2, 20, 2],
+            &[0, 0, 0, 0, 0, 0, 0, 0, 1, 1],
+        );
         // Empty context and empty response still carry the special tokens.
         check(&[], &[], &[0, 2, 2, 2], &[0, 0, 0, 1]);
     }
