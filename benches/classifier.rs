@@ -128,7 +128,7 @@ fn throughput(c: &mut Criterion) {
             .collect(),
     );
     // (workers, intra-op threads per worker, max_batch)
-    for (workers, intra, max_batch) in [(1, 2, 1), (1, 2, 16), (2, 1, 16)] {
+    for (workers, intra, max_batch) in [(1, 2, 1), (1, 2, 16), (2, 1, 1), (2, 1, 4)] {
         let settings = ClassifierSettings {
             model_dir: model_dir(),
             intra_threads: intra,

@@ -221,6 +221,10 @@ fn open_session(
         // Inference threads are ours; ORT's inter-op pool would only compete.
         .with_inter_threads(1)
         .map_err(|e| corrupt(e.to_string()))?
+        // Spinning intra-op threads burn the cores the proxy and the other
+        // workers need (measured: 2x the CPU per pair on a busy 2-core box).
+        .with_intra_op_spinning(false)
+        .map_err(|e| corrupt(e.to_string()))?
         .commit_from_file(path)
         .map_err(|e| corrupt(e.to_string()))?;
     check_signature(&session, spec, path)?;
