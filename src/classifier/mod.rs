@@ -165,9 +165,22 @@ pub trait Classifier: Send + Sync + 'static {
     fn is_ready(&self) -> bool {
         true
     }
+
+    /// Micro-batching counters (batch sizes, queue depth, overloads) for
+    /// telemetry; `None` for classifiers that do not batch.
+    fn batch_stats(&self) -> Option<std::sync::Arc<batch::BatchStats>> {
+        None
+    }
 }
 
+pub mod batch;
+pub mod metrics;
+pub mod model;
+pub mod onnx;
 mod settings;
+pub mod tokenize;
+pub use batch::{BatchEvent, BatchObserver, BatchStats, StatsSnapshot};
+pub use onnx::{OnnxClassifier, OnnxModel};
 pub use settings::{ClassifierKind, ClassifierSettings};
 
 /// Why a classifier could not be built (bad model folder, missing ONNX
@@ -179,10 +192,7 @@ pub struct BuildError(pub String);
 /// Build the classifier the settings ask for.
 pub fn build(settings: &ClassifierSettings) -> Result<std::sync::Arc<dyn Classifier>, BuildError> {
     match settings.kind {
-        ClassifierKind::Onnx => Err(BuildError(format!(
-            "the ONNX classifier is not built into this binary yet (model_dir {})",
-            settings.model_dir.display()
-        ))),
+        ClassifierKind::Onnx => Ok(std::sync::Arc::new(OnnxClassifier::new(settings)?)),
         ClassifierKind::Keyword => {
             Err(BuildError("the keyword classifier is not built yet".into()))
         }

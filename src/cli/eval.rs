@@ -1,17 +1,428 @@
-//! `carewall eval --data FILE.jsonl [--json]`.
+//! `carewall eval --data FILE.jsonl [--json] [--confusion-svg PATH]`:
+//! classify labelled pairs with the model and report the paper's metrics
+//! plus macro-F1, binary accuracy and unsafe recall.
 
-use std::path::PathBuf;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use futures::StreamExt;
+use serde_json::{json, Value};
+
+use super::classify::ModelArgs;
+use crate::classifier::metrics::{report, Confusion, Report};
+use crate::classifier::{Category, Classifier, Pair};
 
 #[derive(Debug, clap::Args)]
 pub struct EvalArgs {
-    /// Labelled JSONL in the `dev.jsonl` format (`context`, `response`, `label`).
+    /// Labelled JSONL in the `dev.jsonl` format (`context`, `response`, and
+    /// `label` 0..=7 and/or `category`).
     #[arg(long)]
     pub data: PathBuf,
-    /// Print one JSON object instead of tables.
+    /// Print one JSON object (the last line of stdout) instead of tables.
     #[arg(long)]
     pub json: bool,
+    /// Also write the confusion matrix as an SVG image.
+    #[arg(long)]
+    pub confusion_svg: Option<PathBuf>,
+    #[command(flatten)]
+    pub model: ModelArgs,
+}
+
+/// One labelled example.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Example {
+    /// 1-based line number in the file.
+    pub line: usize,
+    pub pair: Pair,
+    pub label: Category,
+}
+
+/// Parse labelled JSONL. Blank lines are skipped; any other bad line is an
+/// error naming `path`, the line number and the field.
+pub fn parse_examples(text: &str, path: &Path) -> anyhow::Result<Vec<Example>> {
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let n = i + 1;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let at = || format!("{}:{n}", path.display());
+        let v: Value =
+            serde_json::from_str(line).with_context(|| format!("{}: not a JSON object", at()))?;
+        let obj = v
+            .as_object()
+            .with_context(|| format!("{}: not a JSON object", at()))?;
+        let text_field = |name: &str, required: bool| -> anyhow::Result<String> {
+            match obj.get(name) {
+                Some(Value::String(s)) => Ok(s.clone()),
+                None if !required => Ok(String::new()),
+                None => anyhow::bail!("{}: missing field `{name}` (a string)", at()),
+                Some(other) => {
+                    anyhow::bail!("{}: field `{name}` must be a string, got {other}", at())
+                }
+            }
+        };
+        let context = text_field("context", false)?;
+        let response = text_field("response", true)?;
+        let by_id = match obj.get("label") {
+            None => None,
+            Some(v) => Some(
+                v.as_u64()
+                    .and_then(|id| Category::from_id(id as usize))
+                    .with_context(|| {
+                        format!("{}: field `label` must be an integer 0..=7, got {v}", at())
+                    })?,
+            ),
+        };
+        let by_name = match obj.get("category") {
+            None => None,
+            Some(v) => Some(v.as_str().and_then(Category::parse).with_context(|| {
+                format!(
+                    "{}: field `category` must be one of the 8 category names, got {v}",
+                    at()
+                )
+            })?),
+        };
+        let label = match (by_id, by_name) {
+            (Some(a), Some(b)) if a != b => anyhow::bail!(
+                "{}: field `label` ({}) and field `category` ({}) disagree",
+                at(),
+                a.id(),
+                b.display_name()
+            ),
+            (Some(a), _) | (None, Some(a)) => a,
+            (None, None) => anyhow::bail!("{}: missing field `label` (0..=7) or `category`", at()),
+        };
+        out.push(Example {
+            line: n,
+            pair: Pair { context, response },
+            label,
+        });
+    }
+    Ok(out)
 }
 
 pub fn run(args: EvalArgs) -> anyhow::Result<()> {
-    anyhow::bail!("eval is not built yet (data: {})", args.data.display())
+    let text = std::fs::read_to_string(&args.data)
+        .with_context(|| format!("cannot read --data {}", args.data.display()))?;
+    let examples = parse_examples(&text, &args.data)?;
+    anyhow::ensure!(!examples.is_empty(), "{}: no examples", args.data.display());
+    let classifier = args.model.load()?;
+    let model_name = classifier.name().to_string();
+
+    let bar = indicatif::ProgressBar::new(examples.len() as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{elapsed_precise} [{bar:40}] {pos}/{len} pairs ({per_sec}, eta {eta})",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+        .progress_chars("=> "),
+    );
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let in_flight = args.model.in_flight();
+    let predictions: Vec<(Category, Category)> = runtime.block_on(async {
+        let mut results = futures::stream::iter(examples.iter())
+            .map(|ex| {
+                let c = Arc::clone(&classifier);
+                async move { (ex, c.classify(ex.pair.clone()).await) }
+            })
+            .buffered(in_flight);
+        let mut out = Vec::with_capacity(examples.len());
+        while let Some((ex, result)) = results.next().await {
+            let scores = result.with_context(|| {
+                format!("{}:{}: classification failed", args.data.display(), ex.line)
+            })?;
+            out.push((ex.label, scores.top()));
+            bar.inc(1);
+        }
+        anyhow::Ok(out)
+    })?;
+    bar.finish_and_clear();
+
+    let r = report(&Confusion::from_pairs(predictions));
+    if let Some(svg) = &args.confusion_svg {
+        std::fs::write(svg, confusion_svg(&r.confusion))
+            .with_context(|| format!("cannot write --confusion-svg {}", svg.display()))?;
+    }
+    if args.json {
+        println!("{}", json_report(&r, &model_name, &args.data));
+    } else {
+        print!("{}", text_report(&r, &model_name, &args.data));
+    }
+    Ok(())
+}
+
+/// The `--json` object: `n`, `accuracy`, `weighted_precision`,
+/// `weighted_recall`, `weighted_f1`, `macro_f1`, `binary_accuracy`,
+/// `unsafe_recall`, `per_class` (by category key), `confusion`, `model`, `data`.
+pub fn json_report(r: &Report, model: &str, data: &Path) -> Value {
+    let per_class: serde_json::Map<String, Value> = r
+        .per_class
+        .iter()
+        .map(|m| {
+            (
+                m.category.key().to_string(),
+                json!({"precision": m.precision, "recall": m.recall, "f1": m.f1,
+                       "support": m.support, "predicted": m.predicted}),
+            )
+        })
+        .collect();
+    json!({
+        "n": r.n,
+        "accuracy": r.accuracy,
+        "weighted_precision": r.weighted_precision,
+        "weighted_recall": r.weighted_recall,
+        "weighted_f1": r.weighted_f1,
+        "macro_f1": r.macro_f1,
+        "binary_accuracy": r.binary_accuracy,
+        "unsafe_recall": r.unsafe_recall,
+        "per_class": per_class,
+        "confusion": {
+            "labels": Category::ALL.iter().map(|c| c.key()).collect::<Vec<_>>(),
+            "rows_are": "truth",
+            "counts": r.confusion.counts,
+        },
+        "model": model,
+        "data": data.display().to_string(),
+    })
+}
+
+/// Short column names for the confusion matrix.
+const ABBREV: [&str; 8] = ["NS", "HM", "LN", "UJ", "TL", "UP", "NF", "SR"];
+
+/// Human-readable tables.
+pub fn text_report(r: &Report, model: &str, data: &Path) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "model {model} on {} ({} pairs)\n", data.display(), r.n);
+    for (name, v) in [
+        ("accuracy", r.accuracy),
+        ("weighted precision", r.weighted_precision),
+        ("weighted recall", r.weighted_recall),
+        ("weighted F1", r.weighted_f1),
+        ("macro F1", r.macro_f1),
+        ("binary accuracy (safe vs unsafe)", r.binary_accuracy),
+        ("unsafe recall", r.unsafe_recall),
+    ] {
+        let _ = writeln!(s, "{name:<34} {v:.4}");
+    }
+    let _ = writeln!(
+        s,
+        "\n{:<26} {:>9} {:>9} {:>9} {:>8} {:>9}",
+        "category", "precision", "recall", "f1", "support", "predicted"
+    );
+    for m in &r.per_class {
+        let _ = writeln!(
+            s,
+            "{:<26} {:>9.4} {:>9.4} {:>9.4} {:>8} {:>9}",
+            m.category.display_name(),
+            m.precision,
+            m.recall,
+            m.f1,
+            m.support,
+            m.predicted
+        );
+    }
+    let _ = writeln!(s, "\nconfusion matrix (rows: truth, columns: predicted)");
+    let _ = write!(s, "{:>4}", "");
+    for a in ABBREV {
+        let _ = write!(s, " {a:>5}");
+    }
+    let _ = writeln!(s);
+    for (i, row) in r.confusion.counts.iter().enumerate() {
+        let _ = write!(s, "{:>4}", ABBREV[i]);
+        for k in row {
+            let _ = write!(s, " {k:>5}");
+        }
+        let _ = writeln!(s);
+    }
+    let _ = writeln!(
+        s,
+        "({})",
+        Category::ALL
+            .iter()
+            .zip(ABBREV)
+            .map(|(c, a)| format!("{a} = {}", c.display_name()))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    s
+}
+
+/// The confusion matrix as a self-contained SVG heat map (cells shaded by
+/// the row-normalised rate, labelled with counts).
+pub fn confusion_svg(c: &Confusion) -> String {
+    const CELL: usize = 56;
+    const LEFT: usize = 190;
+    const TOP: usize = 150;
+    let size = LEFT + CELL * 8 + 20;
+    let height = TOP + CELL * 8 + 50;
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{size}" height="{height}" font-family="sans-serif" font-size="12">"#
+    );
+    let _ = writeln!(s, r#"<rect width="100%" height="100%" fill="white"/>"#);
+    let _ = writeln!(
+        s,
+        r#"<text x="{}" y="20" text-anchor="middle" font-size="14">Confusion matrix (rows: truth, columns: predicted)</text>"#,
+        size / 2
+    );
+    for (i, cat) in Category::ALL.iter().enumerate() {
+        let y = TOP + i * CELL + CELL / 2 + 4;
+        let _ = writeln!(
+            s,
+            r#"<text x="{}" y="{y}" text-anchor="end">{}</text>"#,
+            LEFT - 8,
+            cat.display_name()
+        );
+        let x = LEFT + i * CELL + CELL / 2;
+        let _ = writeln!(
+            s,
+            r#"<text x="{x}" y="{}" transform="rotate(-45 {x} {})">{}</text>"#,
+            TOP - 8,
+            TOP - 8,
+            cat.display_name()
+        );
+    }
+    for (i, row) in c.counts.iter().enumerate() {
+        let total: u64 = row.iter().sum();
+        for (j, &k) in row.iter().enumerate() {
+            let rate = if total == 0 {
+                0.0
+            } else {
+                k as f64 / total as f64
+            };
+            // White to dark blue; text flips to white on dark cells.
+            let shade = |full: f64| (255.0 - rate * (255.0 - full)).round() as u8;
+            let (r, g, b) = (shade(8.0), shade(48.0), shade(107.0));
+            let x = LEFT + j * CELL;
+            let y = TOP + i * CELL;
+            let _ = writeln!(
+                s,
+                r##"<rect x="{x}" y="{y}" width="{CELL}" height="{CELL}" fill="#{r:02x}{g:02x}{b:02x}" stroke="#ccc"/>"##
+            );
+            let fg = if rate > 0.5 { "white" } else { "black" };
+            let _ = writeln!(
+                s,
+                r#"<text x="{}" y="{}" text-anchor="middle" fill="{fg}">{k}</text>"#,
+                x + CELL / 2,
+                y + CELL / 2 + 4
+            );
+        }
+    }
+    let _ = writeln!(s, "</svg>");
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Vec<Example>, String> {
+        parse_examples(text, Path::new("d.jsonl")).map_err(|e| format!("{e:#}"))
+    }
+
+    #[test]
+    fn parses_dev_format_and_skips_blank_lines() {
+        let text = "{\"id\": 1, \"context\": \"[seeker]a\", \"response\": \"[supporter]b\", \"label\": 7, \"category\": \"Safe Response\"}\n\n{\"response\": \"r\", \"category\": \"linguistic_neglect\"}\n";
+        let ex = parse(text).expect("valid");
+        assert_eq!(ex.len(), 2);
+        assert_eq!((ex[0].line, ex[0].label), (1, Category::SafeResponse));
+        assert_eq!(ex[0].pair.context, "[seeker]a");
+        assert_eq!(
+            (ex[1].line, ex[1].label, ex[1].pair.context.as_str()),
+            (3, Category::LinguisticNeglect, "")
+        );
+    }
+
+    #[test]
+    fn bad_lines_name_line_and_field() {
+        let ok = "{\"context\": \"c\", \"response\": \"r\", \"label\": 0}\n";
+        let cases = [
+            ("not json", "d.jsonl:2: not a JSON object"),
+            ("[1]", "d.jsonl:2: not a JSON object"),
+            (
+                "{\"context\": \"c\", \"label\": 0}",
+                "d.jsonl:2: missing field `response`",
+            ),
+            (
+                "{\"response\": 5, \"label\": 0}",
+                "d.jsonl:2: field `response` must be a string",
+            ),
+            (
+                "{\"response\": \"r\", \"label\": 8}",
+                "d.jsonl:2: field `label` must be an integer 0..=7",
+            ),
+            (
+                "{\"response\": \"r\", \"label\": \"x\"}",
+                "d.jsonl:2: field `label`",
+            ),
+            (
+                "{\"response\": \"r\", \"category\": \"Rude\"}",
+                "d.jsonl:2: field `category`",
+            ),
+            (
+                "{\"response\": \"r\", \"label\": 0, \"category\": \"Safe Response\"}",
+                "disagree",
+            ),
+            ("{\"response\": \"r\"}", "d.jsonl:2: missing field `label`"),
+        ];
+        for (line, want) in cases {
+            let err = parse(&format!("{ok}{line}\n")).expect_err(line);
+            assert!(
+                err.contains(want),
+                "{line}: {err:?} should contain {want:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn json_report_has_the_keys_outside_checks_read() {
+        let conf = Confusion::from_pairs([
+            (Category::SafeResponse, Category::SafeResponse),
+            (Category::Nonsense, Category::SafeResponse),
+        ]);
+        let v = json_report(&report(&conf), "m", Path::new("d.jsonl"));
+        for key in [
+            "n",
+            "accuracy",
+            "weighted_f1",
+            "macro_f1",
+            "binary_accuracy",
+            "unsafe_recall",
+            "weighted_precision",
+            "weighted_recall",
+            "per_class",
+        ] {
+            assert!(v.get(key).is_some(), "missing {key}");
+        }
+        assert_eq!(v["n"], 2);
+        assert_eq!(v["accuracy"], 0.5);
+        assert_eq!(v["unsafe_recall"], 0.0);
+        assert_eq!(v["per_class"]["safe_response"]["support"], 1);
+        assert_eq!(v["confusion"]["counts"][0][7], 1);
+        // One line, as the last line of stdout.
+        assert!(!v.to_string().contains('\n'));
+    }
+
+    #[test]
+    fn svg_shows_every_count() {
+        let mut conf = Confusion::default();
+        for _ in 0..17 {
+            conf.add(Category::LinguisticNeglect, Category::SafeResponse);
+        }
+        let svg = confusion_svg(&conf);
+        assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
+        assert!(svg.contains(">17</text>"));
+        assert_eq!(svg.matches("<rect x=").count(), 64);
+        let text = text_report(&report(&conf), "m", Path::new("d.jsonl"));
+        assert!(
+            text.contains("unsafe recall") && text.contains("   17"),
+            "{text}"
+        );
+    }
 }

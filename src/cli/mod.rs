@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 pub mod audit;
+pub mod classify;
 pub mod eval;
 
 #[derive(Debug, Parser)]
@@ -25,6 +26,9 @@ pub enum Command {
     Eval(eval::EvalArgs),
     /// Read and maintain the audit trail: list, show, export, purge.
     Audit(audit::AuditArgs),
+    /// Classify JSONL `{"context", "response"}` lines from stdin; one JSONL
+    /// verdict per line on stdout.
+    Classify(classify::ClassifyArgs),
 }
 
 /// Parse the command line and run the chosen subcommand.
@@ -33,6 +37,7 @@ pub fn main() -> ExitCode {
     let result = match cli.command {
         Command::Eval(args) => eval::run(args),
         Command::Audit(args) => audit::run(args),
+        Command::Classify(args) => classify::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
