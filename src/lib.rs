@@ -3,3 +3,6 @@
 
 pub mod classifier;
 pub mod cli;
+pub mod config;
+pub mod error;
+pub mod policy;

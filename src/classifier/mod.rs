@@ -167,6 +167,7 @@ pub trait Classifier: Send + Sync + 'static {
     }
 }
 
+pub mod keyword;
 mod settings;
 pub use settings::{ClassifierKind, ClassifierSettings};
 
@@ -183,6 +184,6 @@ pub fn build(settings: &ClassifierSettings) -> Result<std::sync::Arc<dyn Classif
             "the ONNX classifier is not built into this binary yet (model_dir {})",
             settings.model_dir.display()
         ))),
-        ClassifierKind::Keyword => Err(BuildError("the keyword classifier is not built yet".into())),
+        ClassifierKind::Keyword => Ok(std::sync::Arc::new(keyword::KeywordClassifier::new())),
     }
 }

@@ -8,7 +8,11 @@ use clap::{Parser, Subcommand};
 pub mod eval;
 
 #[derive(Debug, Parser)]
-#[command(name = "carewall", version, about = "Streaming moderation gateway for mental-health support chat")]
+#[command(
+    name = "carewall",
+    version,
+    about = "Streaming moderation gateway for mental-health support chat"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
