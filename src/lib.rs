@@ -5,4 +5,6 @@ pub mod classifier;
 pub mod cli;
 pub mod config;
 pub mod error;
+pub mod moderation;
 pub mod policy;
+pub mod proxy;

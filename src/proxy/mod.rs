@@ -1,0 +1,2 @@
+//! The HTTP side (placeholder while the engine compiles).
+pub mod sse;
