@@ -147,6 +147,21 @@ impl GatewayError {
 
     /// The JSON body sent to the client.
     pub fn body(&self) -> serde_json::Value {
+        // A provider's own error for a client mistake (bad model name, rate
+        // limit) is more useful to the client than a rewrap: pass it as is.
+        if let GatewayError::UpstreamStatus {
+            status,
+            body: Some(b),
+            ..
+        } = self
+        {
+            if matches!(status.as_u16(), 400..=499)
+                && !matches!(status.as_u16(), 401 | 403)
+                && b.get("error").is_some()
+            {
+                return b.clone();
+            }
+        }
         let message = match self {
             GatewayError::UpstreamStatus { status, .. } if matches!(status.as_u16(), 401 | 403) => {
                 format!(

@@ -4,7 +4,9 @@
 pub mod classifier;
 pub mod cli;
 pub mod config;
+pub mod demo;
 pub mod error;
+pub mod logging;
 pub mod moderation;
 pub mod policy;
 pub mod proxy;

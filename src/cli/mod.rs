@@ -5,7 +5,10 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+pub mod check_config;
+pub mod demo;
 pub mod eval;
+pub mod serve;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -20,6 +23,13 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Run the gateway.
+    Serve(serve::ServeArgs),
+    /// Validate the configuration and policies without serving.
+    CheckConfig(check_config::CheckConfigArgs),
+    /// Run the gateway in front of a built-in replay upstream and print
+    /// commands to try it.
+    Demo(demo::DemoArgs),
     /// Evaluate the classifier on labelled JSONL (the `dev.jsonl` format).
     Eval(eval::EvalArgs),
 }
@@ -28,6 +38,9 @@ pub enum Command {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Serve(args) => serve::run(args),
+        Command::CheckConfig(args) => check_config::run(args),
+        Command::Demo(args) => demo::run(args),
         Command::Eval(args) => eval::run(args),
     };
     match result {

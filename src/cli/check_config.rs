@@ -1,0 +1,69 @@
+//! `carewall check-config [--config FILE]`: validate everything a start
+//! would, without serving.
+
+use std::path::PathBuf;
+
+use crate::config::Config;
+use crate::policy::PolicySet;
+
+#[derive(Debug, clap::Args)]
+pub struct CheckConfigArgs {
+    /// Configuration file (default: config/carewall.toml if it exists).
+    #[arg(long, short)]
+    pub config: Option<PathBuf>,
+}
+
+pub fn run(args: CheckConfigArgs) -> anyhow::Result<()> {
+    let config = Config::load(args.config.as_deref());
+    let policies = config.as_ref().ok().map(|c| PolicySet::load(&c.moderation));
+    let mut problems = Vec::new();
+    if let Err(e) = &config {
+        problems.extend(e.0.iter().cloned());
+    }
+    if let Some(Err(e)) = &policies {
+        problems.extend(e.0.iter().cloned());
+    }
+    let (Ok(config), Some(Ok(policies))) = (config, policies) else {
+        anyhow::bail!(
+            "configuration is invalid ({} problem{}):\n  - {}",
+            problems.len(),
+            if problems.len() == 1 { "" } else { "s" },
+            problems.join("\n  - ")
+        );
+    };
+    // Loading the classifier checks the model folder and ONNX Runtime too.
+    let classifier = super::serve::build_classifier(&config)?;
+    println!("configuration OK");
+    println!("  listen:      {}", config.server.listen);
+    println!(
+        "  upstream:    {}",
+        config
+            .upstream
+            .base_url
+            .as_deref()
+            .unwrap_or("(not set: only /v1/moderations will work)")
+    );
+    println!(
+        "  api key:     {}",
+        if config.upstream.api_key.is_some() {
+            "set"
+        } else {
+            "not set"
+        }
+    );
+    println!(
+        "  moderation:  {}",
+        if config.moderation.enabled {
+            "on"
+        } else {
+            "off (pass-through)"
+        }
+    );
+    println!(
+        "  policy:      {} (available: {})",
+        config.moderation.policy,
+        policies.names().join(", ")
+    );
+    println!("  classifier:  {}", classifier.name());
+    Ok(())
+}
