@@ -186,8 +186,7 @@ struct RawLogging {
 /// instead of touching the process environment.
 #[derive(Debug, Clone, Default)]
 pub struct Sources {
-    /// A TOML file; `None` means [`DEFAULT_CONFIG_PATH`] if it exists, else
-    /// built-in defaults only.
+    /// A TOML file; `None` means no file (built-in defaults).
     pub file: Option<PathBuf>,
     /// Inline TOML layered after the file (used by `carewall demo`).
     pub inline_toml: Option<String>,
@@ -196,10 +195,15 @@ pub struct Sources {
 }
 
 impl Config {
-    /// Load from the default file (if present) and the process environment.
+    /// Load `file` (or [`DEFAULT_CONFIG_PATH`] if it exists) and the
+    /// process environment.
     pub fn load(file: Option<&Path>) -> Result<Config, ConfigError> {
+        let file = match file {
+            Some(f) => Some(f.to_path_buf()),
+            None => Some(PathBuf::from(DEFAULT_CONFIG_PATH)).filter(|p| p.is_file()),
+        };
         Config::from_sources(&Sources {
-            file: file.map(Path::to_path_buf),
+            file,
             ..Sources::default()
         })
     }
@@ -213,25 +217,15 @@ impl Config {
         };
 
         let mut builder = config::Config::builder();
-        match &src.file {
-            Some(path) => {
-                if !path.is_file() {
-                    return Err(ConfigError(vec![format!(
-                        "--config: no file {} (pass the path of a TOML file, e.g. {DEFAULT_CONFIG_PATH})",
-                        path.display()
-                    )]));
-                }
-                builder = builder.add_source(
-                    config::File::from(path.as_path()).format(config::FileFormat::Toml),
-                );
+        if let Some(path) = &src.file {
+            if !path.is_file() {
+                return Err(ConfigError(vec![format!(
+                    "--config: no file {} (pass the path of a TOML file, e.g. {DEFAULT_CONFIG_PATH})",
+                    path.display()
+                )]));
             }
-            None => {
-                let default = Path::new(DEFAULT_CONFIG_PATH);
-                if default.is_file() {
-                    builder = builder
-                        .add_source(config::File::from(default).format(config::FileFormat::Toml));
-                }
-            }
+            builder = builder
+                .add_source(config::File::from(path.as_path()).format(config::FileFormat::Toml));
         }
         if let Some(inline) = &src.inline_toml {
             builder = builder.add_source(config::File::from_str(inline, config::FileFormat::Toml));

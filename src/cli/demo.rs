@@ -50,8 +50,9 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
          [classifier]\nkind = \"{}\"\n[logging]\nformat = \"pretty\"\nlevel = \"warn\"\n",
         args.listen, args.classifier
     );
+    let default_file = std::path::PathBuf::from(crate::config::DEFAULT_CONFIG_PATH);
     let config = Config::from_sources(&Sources {
-        file: None,
+        file: Some(default_file).filter(|p| p.is_file()),
         inline_toml: Some(inline),
         env: None,
     })?;

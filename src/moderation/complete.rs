@@ -134,10 +134,7 @@ pub async fn run(job: CompleteJob, first: Value) -> (Value, Verdict) {
     }
     let verdict = tally.verdict(&meta);
     if let Value::Object(m) = &mut resp {
-        m.insert(
-            "moderation".into(),
-            serde_json::to_value(&verdict).unwrap_or(Value::Null),
-        );
+        m.insert("moderation".into(), verdict.to_json());
     }
     job.sink.record(ExchangeRecord {
         verdict: verdict.clone(),

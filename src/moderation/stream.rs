@@ -198,10 +198,7 @@ impl Out {
                 self.chunk(Value::Object(d), Some(reason))
             }
         };
-        c.insert(
-            "moderation".into(),
-            serde_json::to_value(verdict).unwrap_or(Value::Null),
-        );
+        c.insert("moderation".into(), verdict.to_json());
         self.send(sse::encode(&Value::Object(c).to_string())).await
     }
 

@@ -2,7 +2,7 @@
 //! object) and the bookkeeping that produces it across several
 //! classifications (window segments, retries).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde::ser::SerializeMap;
 use serde::{Serialize, Serializer};
@@ -47,6 +47,68 @@ pub struct Verdict {
     pub retries: u32,
     /// Classifier failure that `on_error` handled, or an upstream failure.
     pub error: Option<String>,
+    /// Every category that crossed its threshold in any classification.
+    pub flagged_categories: Vec<Category>,
+}
+
+impl Verdict {
+    /// The `moderation` object as sent to clients.
+    ///
+    /// OpenAI's chat completion schema now has an optional `moderation`
+    /// field of its own (`{input, output}`, each tagged by `type`), and
+    /// strict SDKs such as async-openai parse it. So the object carries those
+    /// two keys in OpenAI's shape (the output result uses carewall's
+    /// taxonomy as category names; the input is reported as not moderated),
+    /// plus carewall's own verdict fields beside them, which SDKs ignore.
+    pub fn to_json(&self) -> serde_json::Value {
+        let mut v = serde_json::to_value(self).unwrap_or_else(|_| serde_json::json!({}));
+        let output = match &self.scores {
+            Some(scores) => {
+                let mut categories = serde_json::Map::new();
+                let mut category_scores = serde_json::Map::new();
+                let mut applied = serde_json::Map::new();
+                for c in Category::ALL {
+                    let flagged = if c.is_unsafe() {
+                        self.flagged_categories.contains(&c)
+                    } else {
+                        self.flagged_categories.is_empty()
+                    };
+                    categories.insert(c.key().into(), serde_json::json!(flagged));
+                    category_scores.insert(
+                        c.key().into(),
+                        serde_json::json!((f64::from(scores.get(c)) * 10_000.0).round() / 10_000.0),
+                    );
+                    applied.insert(c.key().into(), serde_json::json!(["text"]));
+                }
+                serde_json::json!({
+                    "type": "moderation_results",
+                    "model": self.classifier,
+                    "results": [{
+                        "type": "moderation_result",
+                        "model": self.classifier,
+                        "flagged": self.flagged,
+                        "categories": categories,
+                        "category_scores": category_scores,
+                        "category_applied_input_types": applied,
+                    }],
+                })
+            }
+            None => serde_json::json!({
+                "type": "error",
+                "code": "not_classified",
+                "message": self.error.clone().unwrap_or_else(|| "the response had no text to classify".into()),
+            }),
+        };
+        if let serde_json::Value::Object(m) = &mut v {
+            m.insert(
+                "input".into(),
+                serde_json::json!({"type": "error", "code": "not_moderated",
+                                   "message": "carewall moderates generated responses, not request input"}),
+            );
+            m.insert("output".into(), output);
+        }
+        v
+    }
 }
 
 fn ser_scores<S: Serializer>(scores: &Option<Scores>, s: S) -> Result<S::Ok, S::Error> {
@@ -94,6 +156,7 @@ pub struct Tally {
     /// Set by retries so that a clean second answer still reports `retry`.
     pub retried_for: Option<Category>,
     top: Option<Category>,
+    flagged: BTreeSet<Category>,
 }
 
 impl Default for Tally {
@@ -109,6 +172,7 @@ impl Default for Tally {
             error: None,
             retried_for: None,
             top: None,
+            flagged: BTreeSet::new(),
         }
     }
 }
@@ -147,6 +211,13 @@ impl Tally {
         self.classifications += 1;
         self.last_scores = Some(scores);
         self.top = Some(decision.top);
+        self.flagged.extend(
+            decision
+                .enforced
+                .iter()
+                .chain(&decision.shadow)
+                .map(|c| c.category),
+        );
         for c in &decision.shadow {
             self.shadow(c);
         }
@@ -260,6 +331,7 @@ impl Tally {
             classifications: self.classifications,
             retries: self.retries,
             error: self.error.clone(),
+            flagged_categories: self.flagged.iter().copied().collect(),
         }
     }
 }
@@ -353,7 +425,16 @@ mod tests {
         if let Gate::Stop { action, category } = g {
             t.stopped(action, category);
         }
-        let v = serde_json::to_value(t.verdict(&meta())).expect("json");
+        let v = t.verdict(&meta()).to_json();
+        assert_eq!(
+            v["output"]["results"][0]["categories"]["toxic_language"],
+            true
+        );
+        assert_eq!(
+            v["output"]["results"][0]["categories"]["safe_response"],
+            false
+        );
+        assert_eq!(v["input"]["type"], "error");
         assert_eq!(v["category"], "toxic_language");
         assert_eq!(v["action"], "block");
         assert_eq!(v["mode"], "enforce");

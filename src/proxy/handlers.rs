@@ -442,6 +442,7 @@ async fn moderations(
             .collect();
         let mut categories = serde_json::Map::new();
         let mut scores = serde_json::Map::new();
+        let mut applied = serde_json::Map::new();
         for c in Category::ALL {
             let flagged = if c.is_unsafe() {
                 flagged_cats.contains(&c)
@@ -449,6 +450,7 @@ async fn moderations(
                 flagged_cats.is_empty()
             };
             categories.insert(c.key().into(), json!(flagged));
+            applied.insert(c.key().into(), json!(["text"]));
             scores.insert(
                 c.key().into(),
                 json!((f64::from(classified.scores.get(c)) * 10_000.0).round() / 10_000.0),
@@ -465,6 +467,7 @@ async fn moderations(
             "action": decision.action().key(),
             "categories": categories,
             "category_scores": scores,
+            "category_applied_input_types": applied,
         }));
     }
     Ok(json_response(
