@@ -8,7 +8,12 @@ use std::process::Command;
 use common::*;
 use serde_json::Value;
 
-const SAFE: &[&str] = &["I hear you. ", "That sounds ", "really hard. ", "I'm here with you."];
+const SAFE: &[&str] = &[
+    "I hear you. ",
+    "That sounds ",
+    "really hard. ",
+    "I'm here with you.",
+];
 
 fn python_has_openai() -> bool {
     Command::new("python3")
@@ -28,7 +33,10 @@ async fn python_openai_sdk_streams_and_parses_in_every_mode() {
         let steered = body["messages"]
             .as_array()
             .and_then(|m| m.last())
-            .is_some_and(|m| m["role"] == "system" && m["content"].as_str().unwrap_or("").contains("safety check"));
+            .is_some_and(|m| {
+                m["role"] == "system"
+                    && m["content"].as_str().unwrap_or("").contains("safety check")
+            });
         let user = last_user(body);
         if steered {
             MockReply::pieces(SAFE)

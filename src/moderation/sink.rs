@@ -62,3 +62,23 @@ pub struct NoopSink;
 impl ExchangeSink for NoopSink {
     fn record(&self, _record: ExchangeRecord) {}
 }
+
+/// Wraps a sink and also logs each exchange's text at debug level, target
+/// `carewall::conversation`. Installed only when
+/// `logging.log_conversation_text` is set: conversation text is otherwise
+/// never logged.
+pub struct ConversationLogSink(pub std::sync::Arc<dyn ExchangeSink>);
+
+impl ExchangeSink for ConversationLogSink {
+    fn record(&self, record: ExchangeRecord) {
+        tracing::debug!(
+            target: "carewall::conversation",
+            request_id = %record.verdict.request_id,
+            context = %record.context,
+            upstream_text = %record.upstream_text,
+            delivered_text = %record.delivered_text,
+            "exchange text (logging.log_conversation_text is on)"
+        );
+        self.0.record(record);
+    }
+}

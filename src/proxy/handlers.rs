@@ -365,7 +365,17 @@ async fn chat(
         );
         Ok(sse_response(rx))
     } else {
-        let first = upstream.complete(request.body.clone()).await?;
+        let first = match tokio::time::timeout_at(deadline, upstream.complete(request.body.clone()))
+            .await
+        {
+            Ok(r) => r?,
+            Err(_) => {
+                return Err(GatewayError::UpstreamTimeout {
+                    phase: "the total",
+                    ms: state.upstream.total_timeout.as_millis() as u64,
+                })
+            }
+        };
         let first_byte = started.elapsed();
         let job = complete::CompleteJob {
             moderator: state.moderator.clone(),

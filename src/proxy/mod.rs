@@ -47,6 +47,11 @@ impl AppState {
         sink: Arc<dyn ExchangeSink>,
     ) -> Result<Arc<AppState>, GatewayError> {
         let upstream = Arc::new(upstream::UpstreamClient::new(&config.upstream)?);
+        let sink: Arc<dyn ExchangeSink> = if config.logging.log_conversation_text {
+            Arc::new(crate::moderation::sink::ConversationLogSink(sink))
+        } else {
+            sink
+        };
         let moderator = Arc::new(Moderator::new(
             classifier,
             config.moderation.max_concurrent_classifications,
