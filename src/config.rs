@@ -198,18 +198,50 @@ impl Config {
     /// Load `file` (or [`DEFAULT_CONFIG_PATH`] if it exists) and the
     /// process environment.
     pub fn load(file: Option<&Path>) -> Result<Config, ConfigError> {
-        let file = match file {
-            Some(f) => Some(f.to_path_buf()),
-            None => Some(PathBuf::from(DEFAULT_CONFIG_PATH)).filter(|p| p.is_file()),
-        };
-        Config::from_sources(&Sources {
-            file,
-            ..Sources::default()
-        })
+        Config::from_sources(&Config::sources(file))
     }
 
     /// Load and validate, collecting every problem.
     pub fn from_sources(src: &Sources) -> Result<Config, ConfigError> {
+        let (config, errors) = Config::build(src)?;
+        if errors.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigError(errors))
+        }
+    }
+
+    /// Load the configuration and the policies it names, reporting every
+    /// problem of both at once (policies are checked even when other
+    /// sections have errors).
+    pub fn load_all(src: &Sources) -> Result<(Config, crate::policy::PolicySet), ConfigError> {
+        let (config, mut errors) = Config::build(src)?;
+        match crate::policy::PolicySet::load(&config.moderation) {
+            Ok(p) if errors.is_empty() => Ok((config, p)),
+            Ok(_) => Err(ConfigError(errors)),
+            Err(e) => {
+                errors.extend(e.0);
+                Err(ConfigError(errors))
+            }
+        }
+    }
+
+    /// The sources for a `--config` argument: the file (or
+    /// [`DEFAULT_CONFIG_PATH`] if it exists) and the process environment.
+    pub fn sources(file: Option<&Path>) -> Sources {
+        let file = match file {
+            Some(f) => Some(f.to_path_buf()),
+            None => Some(PathBuf::from(DEFAULT_CONFIG_PATH)).filter(|p| p.is_file()),
+        };
+        Sources {
+            file,
+            ..Sources::default()
+        }
+    }
+
+    /// A configuration with defaults wherever a value was invalid, and the
+    /// problems found. `Err` only when the sources cannot be read at all.
+    fn build(src: &Sources) -> Result<(Config, Vec<String>), ConfigError> {
         let mut errors = Vec::new();
         let env: HashMap<String, String> = match &src.env {
             Some(m) => m.clone(),
@@ -280,17 +312,16 @@ impl Config {
         let classifier = validate_classifier(classifier, &mut errors);
         let logging = validate_logging(logging, &mut errors);
 
-        if errors.is_empty() {
-            Ok(Config {
+        Ok((
+            Config {
                 server,
                 upstream,
                 moderation,
                 classifier,
                 logging,
-            })
-        } else {
-            Err(ConfigError(errors))
-        }
+            },
+            errors,
+        ))
     }
 }
 
@@ -664,6 +695,30 @@ mod tests {
         assert!(
             errs.iter().any(|e| e.starts_with("server.max_body_bytes")),
             "{errs:?}"
+        );
+    }
+
+    #[test]
+    fn load_all_reports_config_and_policy_problems_together() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/policies");
+        let err = Config::load_all(&Sources {
+            file: None,
+            inline_toml: Some(format!(
+                "[server]\nlisten = \"x\"\n[moderation]\npolicy = \"foo\"\npolicies_dir = \"{dir}\"\n"
+            )),
+            env: Some(HashMap::new()),
+        })
+        .expect_err("invalid");
+        assert!(
+            err.0.iter().any(|e| e.starts_with("server.listen:")),
+            "{err}"
+        );
+        assert!(
+            err.0
+                .iter()
+                .any(|e| e.starts_with("moderation.policy: no policy file")
+                    && e.ends_with("foo.toml; known: default, strict")),
+            "{err}"
         );
     }
 

@@ -4,7 +4,6 @@
 use std::path::PathBuf;
 
 use crate::config::Config;
-use crate::policy::PolicySet;
 
 #[derive(Debug, clap::Args)]
 pub struct CheckConfigArgs {
@@ -14,23 +13,7 @@ pub struct CheckConfigArgs {
 }
 
 pub fn run(args: CheckConfigArgs) -> anyhow::Result<()> {
-    let config = Config::load(args.config.as_deref());
-    let policies = config.as_ref().ok().map(|c| PolicySet::load(&c.moderation));
-    let mut problems = Vec::new();
-    if let Err(e) = &config {
-        problems.extend(e.0.iter().cloned());
-    }
-    if let Some(Err(e)) = &policies {
-        problems.extend(e.0.iter().cloned());
-    }
-    let (Ok(config), Some(Ok(policies))) = (config, policies) else {
-        anyhow::bail!(
-            "configuration is invalid ({} problem{}):\n  - {}",
-            problems.len(),
-            if problems.len() == 1 { "" } else { "s" },
-            problems.join("\n  - ")
-        );
-    };
+    let (config, policies) = Config::load_all(&Config::sources(args.config.as_deref()))?;
     // Loading the classifier checks the model folder and ONNX Runtime too.
     let classifier = super::serve::build_classifier(&config)?;
     println!("configuration OK");

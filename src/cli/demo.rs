@@ -7,9 +7,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 
-use crate::config::{Config, Sources};
+use crate::config::Config;
 use crate::moderation::NoopSink;
-use crate::policy::PolicySet;
 
 #[derive(Debug, clap::Args)]
 pub struct DemoArgs {
@@ -50,12 +49,9 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
          [classifier]\nkind = \"{}\"\n[logging]\nformat = \"pretty\"\nlevel = \"warn\"\n",
         args.listen, args.classifier
     );
-    let default_file = std::path::PathBuf::from(crate::config::DEFAULT_CONFIG_PATH);
-    let config = Config::from_sources(&Sources {
-        file: Some(default_file).filter(|p| p.is_file()),
-        inline_toml: Some(inline),
-        env: None,
-    })?;
+    let mut sources = Config::sources(None);
+    sources.inline_toml = Some(inline);
+    let (config, policies) = Config::load_all(&sources)?;
     if args.classifier == "onnx" && !config.classifier.model_dir.join("model.onnx").is_file() {
         anyhow::bail!(
             "the ONNX model is not at {} (run `bash scripts/setup.sh`, or try the demo without it: \
@@ -63,7 +59,6 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
             config.classifier.model_dir.display()
         );
     }
-    let policies = PolicySet::load(&config.moderation)?;
     crate::logging::init(&config.logging)?;
     let classifier = args.classifier.clone();
     super::serve::serve(

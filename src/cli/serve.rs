@@ -20,8 +20,7 @@ pub struct ServeArgs {
 }
 
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
-    let config = Config::load(args.config.as_deref())?;
-    let policies = PolicySet::load(&config.moderation)?;
+    let (config, policies) = Config::load_all(&Config::sources(args.config.as_deref()))?;
     crate::logging::init(&config.logging)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

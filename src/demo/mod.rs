@@ -128,6 +128,8 @@ pub async fn start_replay(piece_delay: Duration) -> std::io::Result<SocketAddr> 
             let Ok((tcp, _)) = listener.accept().await else {
                 continue;
             };
+            // Small SSE frames: without this, delayed ACKs add ~40 ms.
+            let _ = tcp.set_nodelay(true);
             tokio::spawn(async move {
                 let svc = service_fn(move |req| replay(req, piece_delay));
                 let _ = hyper::server::conn::http1::Builder::new()

@@ -143,6 +143,8 @@ impl MockUpstream {
                 let Ok((tcp, _)) = listener.accept().await else {
                     continue;
                 };
+                // Small SSE frames: without this, delayed ACKs add ~40 ms.
+                let _ = tcp.set_nodelay(true);
                 let (m, script, counter) = (m.clone(), script.clone(), counter.clone());
                 tokio::spawn(async move {
                     let svc = service_fn(move |req| {
@@ -409,7 +411,10 @@ impl Gateway {
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Some(rest) = line.strip_prefix("carewall listening on http://") {
+                let rest = line
+                    .strip_prefix("carewall listening on http://")
+                    .or_else(|| line.strip_prefix("carewall listening on https://"));
+                if let Some(rest) = rest {
                     let _ = tx.send(rest.trim().to_string());
                 }
             }
