@@ -757,3 +757,116 @@ async fn access_log_has_one_line_per_request_and_no_conversation_text() {
         "{logs}"
     );
 }
+
+#[tokio::test]
+async fn classifier_failures_follow_on_error() {
+    let mock = MockUpstream::start(|body, _| {
+        if last_user(body).contains("hang") {
+            MockReply::pieces(&["Fine so far. ", "[[classifier-hang]] and more."])
+        } else {
+            MockReply::pieces(&["[[classifier-error]] text."])
+        }
+    })
+    .await;
+    let gw = Gateway::start(GatewayOptions::new(Some(mock.base_url())));
+    // default fails open: the text is delivered, the verdict records why
+    // it was not classified.
+    let r = post(&gw, "/v1/chat/completions", &chat_body("hang", true), &[]).await;
+    let raw = r.text().await.expect("body");
+    assert_eq!(sse_text(&raw), "Fine so far. [[classifier-hang]] and more.");
+    let v = sse_verdict(&raw).expect("verdict");
+    assert!(
+        v["moderation"]["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("timed out"),
+        "{v}"
+    );
+    // strict fails closed: the safe reply instead.
+    let r = post(
+        &gw,
+        "/v1/chat/completions",
+        &chat_body("error", false),
+        &[("x-carewall-policy", "strict")],
+    )
+    .await;
+    let v: Value = r.json().await.expect("json");
+    let content = v["choices"][0]["message"]["content"].as_str().unwrap_or("");
+    assert!(
+        content.contains("crisis line") && !content.contains("text."),
+        "{content}"
+    );
+    assert_eq!(v["moderation"]["action"], "replace");
+    assert!(
+        v["moderation"]["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("keyword classifier"),
+        "{v}"
+    );
+}
+
+#[test]
+fn bad_configuration_stops_the_start_naming_each_key() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = dir.path().join("bad.toml");
+    std::fs::write(
+        &cfg,
+        "[server]\nlisen = \"127.0.0.1:0\"\n[upstream]\nbase_url = \"ftp://x\"\n[moderation]\npolicy = \"nope\"\n",
+    )
+    .expect("write");
+    for sub in ["serve", "check-config"] {
+        let out = carewall_command()
+            .arg(sub)
+            .arg("--config")
+            .arg(&cfg)
+            .output()
+            .expect("run carewall");
+        assert!(!out.status.success(), "{sub} accepted a bad config");
+        let err = String::from_utf8_lossy(&out.stderr);
+        for key in [
+            "server.lisen",
+            "upstream.base_url:",
+            "moderation.policy: no policy file",
+        ] {
+            assert!(err.contains(key), "{sub}: {key} not named in:\n{err}");
+        }
+    }
+    let out = carewall_command()
+        .args(["check-config", "--config", "/no/such/file.toml"])
+        .output()
+        .expect("run carewall");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/no/such/file.toml"));
+}
+
+#[test]
+fn check_config_accepts_a_good_configuration() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let policies = dir.path().join("policies");
+    write_policies(&policies);
+    let cfg = dir.path().join("ok.toml");
+    std::fs::write(
+        &cfg,
+        config_toml(
+            &GatewayOptions::new(Some("http://127.0.0.1:9/v1".into())),
+            &policies,
+        ),
+    )
+    .expect("write");
+    let out = carewall_command()
+        .args(["check-config", "--config"])
+        .arg(&cfg)
+        .output()
+        .expect("run carewall");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("configuration OK") && stdout.contains("classifier:  keyword"),
+        "{stdout}"
+    );
+}
