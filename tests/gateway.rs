@@ -870,3 +870,59 @@ fn check_config_accepts_a_good_configuration() {
         "{stdout}"
     );
 }
+
+#[tokio::test]
+async fn demo_streams_a_safe_reply_and_remedies_an_unsafe_one() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cmd = carewall_command();
+    cmd.args([
+        "demo",
+        "--classifier",
+        "keyword",
+        "--listen",
+        "127.0.0.1:0",
+        "--piece-delay-ms",
+        "1",
+    ]);
+    let gw = Gateway::spawn(cmd, dir, repo_path("policies"));
+    let r = post(
+        &gw,
+        "/v1/chat/completions",
+        &chat_body("I can't sleep", true),
+        &[],
+    )
+    .await;
+    let raw = r.text().await.expect("body");
+    let text = sse_text(&raw);
+    assert!(text.len() > 40, "{raw}");
+    let chunks = sse_events(&raw)
+        .iter()
+        .filter(|e| e.contains("\"content\""))
+        .count();
+    assert!(chunks >= 2, "sentence by sentence: {raw}");
+    assert_eq!(
+        sse_verdict(&raw).expect("verdict")["moderation"]["action"],
+        "allow"
+    );
+    let (text, finish, err) = stream_text(&gw.openai(), "Be honest, am I being rude?").await;
+    assert_eq!(err, None);
+    assert_eq!(finish, Some(FinishReason::ContentFilter));
+    assert!(
+        text.contains("crisis line") && !text.contains("pathetic"),
+        "{text}"
+    );
+    let r = post(
+        &gw,
+        "/v1/chat/completions",
+        &chat_body("你是真人吗？", false),
+        &[],
+    )
+    .await;
+    let v: Value = r.json().await.expect("json");
+    let content = v["choices"][0]["message"]["content"].as_str().unwrap_or("");
+    assert!(
+        content.contains("我是 AI 助手"),
+        "humanoid mimicry gets the AI disclosure: {content}"
+    );
+    assert_eq!(v["moderation"]["action"], "append");
+}

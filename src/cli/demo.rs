@@ -112,7 +112,7 @@ for question, policy in [("{q}", "default"),
     for chunk in stream:
         if chunk.choices and chunk.choices[0].delta.content:
             print(chunk.choices[0].delta.content, end="", flush=True)
-        verdict = (chunk.model_extra or {{}}).get("moderation")
+        verdict = chunk.to_dict().get("moderation")
         if verdict:
             print(f"\n[moderation] category={{verdict['category']}} action={{verdict['action']}}")
 PY

@@ -395,12 +395,17 @@ impl Gateway {
         write_policies(&policies_dir);
         let cfg = dir.path().join("carewall.toml");
         std::fs::write(&cfg, config_toml(&opts, &policies_dir)).expect("write config");
-        let log = std::fs::File::create(dir.path().join("stderr.log")).expect("log file");
         let mut cmd = carewall_command();
         cmd.arg("serve").arg("--config").arg(&cfg);
         for (k, v) in &opts.env {
             cmd.env(k, v);
         }
+        Gateway::spawn(cmd, dir, policies_dir)
+    }
+
+    /// Run `cmd` (a carewall command that serves) and wait for its address.
+    pub fn spawn(mut cmd: Command, dir: tempfile::TempDir, policies_dir: PathBuf) -> Gateway {
+        let log = std::fs::File::create(dir.path().join("stderr.log")).expect("log file");
         let mut child = cmd
             .stdout(Stdio::piped())
             .stderr(Stdio::from(log))
