@@ -926,3 +926,39 @@ async fn demo_streams_a_safe_reply_and_remedies_an_unsafe_one() {
     );
     assert_eq!(v["moderation"]["action"], "append");
 }
+
+#[tokio::test]
+async fn serves_https_when_tls_files_are_configured() {
+    let mock = mock_reply(SAFE).await;
+    let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_string()])
+        .expect("self-signed cert");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&cert, certified.cert.pem()).expect("write cert");
+    std::fs::write(&key, certified.key_pair.serialize_pem()).expect("write key");
+    let mut opts = GatewayOptions::new(Some(mock.base_url()));
+    opts.server_extra = format!(
+        "tls_cert_path = \"{}\"\ntls_key_path = \"{}\"\n",
+        cert.display(),
+        key.display()
+    );
+    let gw = Gateway::start(opts);
+    let client = reqwest::Client::builder()
+        .add_root_certificate(
+            reqwest::Certificate::from_pem(certified.cert.pem().as_bytes()).expect("pem"),
+        )
+        .build()
+        .expect("client");
+    let url = format!("https://localhost:{}/v1/chat/completions", gw.addr.port());
+    let r = client
+        .post(&url)
+        .json(&chat_body("hi", true))
+        .send()
+        .await
+        .expect("https request");
+    assert_eq!(r.status(), 200);
+    let raw = r.text().await.expect("body");
+    assert_eq!(sse_text(&raw), SAFE.concat());
+    // Plain HTTP to the TLS port gets no answer.
+    assert!(reqwest::get(gw.url("/healthz")).await.is_err());
+}
