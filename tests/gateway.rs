@@ -962,3 +962,45 @@ async fn serves_https_when_tls_files_are_configured() {
     // Plain HTTP to the TLS port gets no answer.
     assert!(reqwest::get(gw.url("/healthz")).await.is_err());
 }
+
+#[tokio::test]
+async fn provider_request_id_and_rate_limits_reach_the_client() {
+    let mock = mock_reply(SAFE).await;
+    let gw = Gateway::start(GatewayOptions::new(Some(mock.base_url())));
+    for stream in [false, true] {
+        let r = post(&gw, "/v1/chat/completions", &chat_body("hi", stream), &[]).await;
+        assert_eq!(r.headers()["x-request-id"], "req-mock", "stream={stream}");
+        assert_eq!(
+            r.headers()["x-ratelimit-remaining-requests"],
+            "99",
+            "stream={stream}"
+        );
+        assert!(r.headers().contains_key("x-carewall-request-id"));
+    }
+}
+
+#[tokio::test]
+async fn pass_through_streams_stop_at_the_total_timeout() {
+    let mock = MockUpstream::start(|_, _| MockReply::Text {
+        pieces: (0..50).map(|i| format!("Sentence {i}. ")).collect(),
+        delay: Duration::from_millis(100),
+        end: StreamEnd::Done,
+    })
+    .await;
+    let gw = Gateway::start(
+        GatewayOptions::new(Some(mock.base_url()))
+            .env("CAREWALL__MODERATION__ENABLED", "false")
+            .env("CAREWALL__UPSTREAM__FIRST_BYTE_TIMEOUT_MS", "500")
+            .env("CAREWALL__UPSTREAM__TOTAL_TIMEOUT_MS", "800"),
+    );
+    let r = post(&gw, "/v1/chat/completions", &chat_body("hi", true), &[]).await;
+    assert_eq!(r.status(), 200);
+    let body = r.text().await;
+    // Either the read fails (connection aborted) or the text is cut short;
+    // the stream never completes.
+    let complete = body.as_ref().map(|b| b.contains("[DONE]")).unwrap_or(false);
+    assert!(
+        !complete,
+        "a pass-through stream outlived upstream.total_timeout_ms"
+    );
+}

@@ -82,3 +82,61 @@ pub fn sse_response(rx: mpsc::Receiver<Bytes>) -> Response<Body> {
     h.insert("x-accel-buffering", HeaderValue::from_static("no"));
     r
 }
+
+pin_project_lite::pin_project! {
+    /// A forwarded body that fails once the upstream's total time is up, so
+    /// a pass-through stream cannot outlive `upstream.total_timeout_ms`.
+    pub struct DeadlineBody<B> {
+        #[pin]
+        inner: B,
+        #[pin]
+        sleep: tokio::time::Sleep,
+        ms: u64,
+    }
+}
+
+impl<B> DeadlineBody<B> {
+    pub fn new(
+        inner: B,
+        deadline: tokio::time::Instant,
+        total: std::time::Duration,
+    ) -> DeadlineBody<B> {
+        DeadlineBody {
+            inner,
+            sleep: tokio::time::sleep_until(deadline),
+            ms: total.as_millis() as u64,
+        }
+    }
+}
+
+impl<B> HttpBody for DeadlineBody<B>
+where
+    B: HttpBody<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.project();
+        if std::future::Future::poll(this.sleep, cx).is_ready() {
+            let msg = format!(
+                "upstream.total_timeout_ms ({} ms) reached mid-response",
+                this.ms
+            );
+            return Poll::Ready(Some(Err(msg.into())));
+        }
+        this.inner.poll_frame(cx).map_err(Into::into)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}

@@ -14,7 +14,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tracing::{field::Empty, Instrument};
 
-use super::body::{error_response, json_response, sse_response, Body};
+use super::body::{error_response, json_response, sse_response, Body, DeadlineBody};
 use super::upstream::{forward_headers, strip_hop_by_hop, HyperChat, UpstreamClient};
 use super::AppState;
 use crate::classifier::Category;
@@ -229,6 +229,7 @@ async fn passthrough(
     if !state.upstream.is_configured() {
         return Err(GatewayError::NoUpstream);
     }
+    let deadline = Instant::now() + state.upstream.total_timeout;
     let method = req.method().clone();
     let headers = forward_headers(req.headers());
     let declared = declared_length(&req);
@@ -238,7 +239,7 @@ async fn passthrough(
         declared,
     )
     .await?;
-    forward(state, method, upstream_path, headers, bytes).await
+    forward(state, method, upstream_path, headers, bytes, deadline).await
 }
 
 async fn forward(
@@ -247,6 +248,7 @@ async fn forward(
     upstream_path: &str,
     headers: http::HeaderMap,
     bytes: Bytes,
+    deadline: Instant,
 ) -> Result<Response<Body>, GatewayError> {
     let resp = state
         .upstream
@@ -256,12 +258,10 @@ async fn forward(
         return Err(UpstreamClient::status_error(resp).await);
     }
     let (mut parts, body) = resp.into_parts();
+    // The body is re-framed by our side of the connection, so the
+    // provider's framing headers (length, transfer-encoding) go.
     strip_hop_by_hop(&mut parts.headers);
-    // Keep the provider's length when it sent one: strip_hop_by_hop removed
-    // it, but the body is forwarded byte for byte.
-    let body = body
-        .map_err(|e| -> super::body::BoxError { Box::new(e) })
-        .boxed_unsync();
+    let body = DeadlineBody::new(body, deadline, state.upstream.total_timeout).boxed_unsync();
     Ok(Response::from_parts(parts, body))
 }
 
@@ -296,7 +296,16 @@ async fn chat(
     )
     .await?;
     if !state.config.moderation.enabled {
-        return forward(state, Method::POST, "/chat/completions", headers, bytes).await;
+        let deadline = started + state.upstream.total_timeout;
+        return forward(
+            state,
+            Method::POST,
+            "/chat/completions",
+            headers,
+            bytes,
+            deadline,
+        )
+        .await;
     }
     // One snapshot for the whole request: a SIGHUP reload mid-stream does
     // not change this request's policy.
@@ -325,14 +334,12 @@ async fn chat(
         a.policy = Some(policy.name.clone());
         a.stream = request.stream;
     }
-    let upstream = Arc::new(HyperChat {
-        client: state.upstream.clone(),
-        headers,
-    });
+    let upstream = Arc::new(HyperChat::new(state.upstream.clone(), headers));
     let deadline = started + state.upstream.total_timeout;
 
     if request.stream {
         let first = upstream.open_stream(request.body.clone()).await?;
+        let provider_headers = upstream.take_response_headers();
         let job = stream::StreamJob {
             moderator: state.moderator.clone(),
             upstream,
@@ -363,7 +370,9 @@ async fn chat(
             }
             .instrument(span.clone()),
         );
-        Ok(sse_response(rx))
+        let mut resp = sse_response(rx);
+        resp.headers_mut().extend(provider_headers);
+        Ok(resp)
     } else {
         let first = match tokio::time::timeout_at(deadline, upstream.complete(request.body.clone()))
             .await
@@ -377,6 +386,7 @@ async fn chat(
             }
         };
         let first_byte = started.elapsed();
+        let provider_headers = upstream.take_response_headers();
         let job = complete::CompleteJob {
             moderator: state.moderator.clone(),
             upstream,
@@ -394,7 +404,9 @@ async fn chat(
             a.verdict(&verdict);
             a.outcome = Some(ExchangeOutcome::Completed);
         }
-        Ok(json_response(StatusCode::OK, &body))
+        let mut resp = json_response(StatusCode::OK, &body);
+        resp.headers_mut().extend(provider_headers);
+        Ok(resp)
     }
 }
 

@@ -295,9 +295,53 @@ pub fn data_stream(body: Incoming) -> DataStream {
 pub struct HyperChat {
     pub client: Arc<UpstreamClient>,
     pub headers: HeaderMap,
+    /// Informational headers of the first successful upstream response
+    /// (request id, rate limits), passed on to the client.
+    pub response_headers: std::sync::Mutex<Option<HeaderMap>>,
+}
+
+/// The provider's informational response headers worth passing on to the
+/// client of a moderated response: its request id (for support tickets)
+/// and rate-limit state (for client back-off).
+pub fn provider_headers(h: &HeaderMap) -> HeaderMap {
+    let mut out = HeaderMap::new();
+    for (k, v) in h {
+        let n = k.as_str();
+        if n == "x-request-id"
+            || n.starts_with("x-ratelimit-")
+            || n.starts_with("openai-")
+            || n == "retry-after"
+        {
+            out.append(k.clone(), v.clone());
+        }
+    }
+    out
 }
 
 impl HyperChat {
+    pub fn new(client: Arc<UpstreamClient>, headers: HeaderMap) -> HyperChat {
+        HyperChat {
+            client,
+            headers,
+            response_headers: std::sync::Mutex::new(None),
+        }
+    }
+
+    fn remember(&self, h: &HeaderMap) {
+        if let Ok(mut slot) = self.response_headers.lock() {
+            slot.get_or_insert_with(|| provider_headers(h));
+        }
+    }
+
+    /// The remembered provider headers (empty before a successful call).
+    pub fn take_response_headers(&self) -> HeaderMap {
+        self.response_headers
+            .lock()
+            .ok()
+            .and_then(|mut s| s.take())
+            .unwrap_or_default()
+    }
+
     fn headers_for(&self, stream: bool) -> HeaderMap {
         let mut h = self.headers.clone();
         h.insert(
@@ -335,6 +379,7 @@ impl ChatUpstream for HyperChat {
             if resp.status() != StatusCode::OK {
                 return Err(UpstreamClient::status_error(resp).await);
             }
+            self.remember(resp.headers());
             Ok(data_stream(resp.into_body()))
         })
     }
@@ -354,6 +399,7 @@ impl ChatUpstream for HyperChat {
             if !resp.status().is_success() {
                 return Err(UpstreamClient::status_error(resp).await);
             }
+            self.remember(resp.headers());
             let collected = Limited::new(resp.into_body(), MAX_UPSTREAM_BODY)
                 .collect()
                 .await

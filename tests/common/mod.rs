@@ -121,7 +121,17 @@ fn full(status: u16, v: &Value) -> Response<MockBody> {
         "content-type",
         http::HeaderValue::from_static("application/json"),
     );
+    provider_headers(r.headers_mut());
     r
+}
+
+/// Informational headers a real provider sends.
+fn provider_headers(h: &mut http::HeaderMap) {
+    h.insert("x-request-id", http::HeaderValue::from_static("req-mock"));
+    h.insert(
+        "x-ratelimit-remaining-requests",
+        http::HeaderValue::from_static("99"),
+    );
 }
 
 impl MockUpstream {
@@ -269,6 +279,7 @@ impl MockUpstream {
                     "content-type",
                     http::HeaderValue::from_static("text/event-stream"),
                 );
+                provider_headers(r.headers_mut());
                 r
             }
         }
