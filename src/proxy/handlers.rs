@@ -213,6 +213,17 @@ async fn read_body(
     }
 }
 
+/// The `x-carewall-policy` header, if present; not-text values are a 400
+/// rather than silently the default policy.
+fn policy_header(req: &Request<Incoming>) -> Result<Option<String>, GatewayError> {
+    match req.headers().get(POLICY_HEADER) {
+        None => Ok(None),
+        Some(v) => v.to_str().map(|s| Some(s.trim().to_string())).map_err(|_| {
+            GatewayError::bad_request(format!("{POLICY_HEADER}: not valid text"), None)
+        }),
+    }
+}
+
 fn declared_length(req: &Request<Incoming>) -> Option<u64> {
     req.headers()
         .get(header::CONTENT_LENGTH)
@@ -277,16 +288,7 @@ async fn chat(
     if !state.upstream.is_configured() {
         return Err(GatewayError::NoUpstream);
     }
-    let policy_header = match req.headers().get(POLICY_HEADER) {
-        None => None,
-        Some(v) => Some(
-            v.to_str()
-                .map_err(|_| {
-                    GatewayError::bad_request(format!("{POLICY_HEADER}: not valid text"), None)
-                })?
-                .to_string(),
-        ),
-    };
+    let policy_header = policy_header(&req)?;
     let headers = forward_headers(req.headers());
     let declared = declared_length(&req);
     let bytes = read_body(
@@ -416,11 +418,7 @@ async fn moderations(
     req: Request<Incoming>,
     request_id: &str,
 ) -> Result<Response<Body>, GatewayError> {
-    let policy_header = req
-        .headers()
-        .get(POLICY_HEADER)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string);
+    let policy_header = policy_header(&req)?;
     let declared = declared_length(&req);
     let bytes = read_body(
         req.into_body(),
