@@ -26,6 +26,8 @@ use crate::moderation::{complete, stream, ChatUpstream, ExchangeOutcome, Verdict
 pub const REQUEST_ID_HEADER: &str = "x-carewall-request-id";
 /// Request header choosing a policy through `moderation.header_policies`.
 pub const POLICY_HEADER: &str = "x-carewall-policy";
+/// How long a client may take to send its request body.
+const BODY_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// One access-log line per request, written when this is dropped: at the
 /// end of the response for plain requests, at the end of the stream for
@@ -198,7 +200,19 @@ async fn read_body(
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(GatewayError::PayloadTooLarge { limit });
     }
-    match Limited::new(body, limit).collect().await {
+    // A client that stops sending mid-body must not hold a task forever.
+    let collected = tokio::time::timeout(BODY_READ_TIMEOUT, Limited::new(body, limit).collect())
+        .await
+        .map_err(|_| {
+            GatewayError::bad_request(
+                format!(
+                    "the request body did not arrive within {} s",
+                    BODY_READ_TIMEOUT.as_secs()
+                ),
+                None,
+            )
+        })?;
+    match collected {
         Ok(b) => Ok(b.to_bytes()),
         Err(e)
             if e.downcast_ref::<http_body_util::LengthLimitError>()
