@@ -177,6 +177,7 @@ pub mod batch;
 pub mod metrics;
 pub mod model;
 pub mod onnx;
+pub mod keyword;
 mod settings;
 pub mod tokenize;
 pub use batch::{BatchEvent, BatchObserver, BatchStats, StatsSnapshot};
@@ -193,8 +194,6 @@ pub struct BuildError(pub String);
 pub fn build(settings: &ClassifierSettings) -> Result<std::sync::Arc<dyn Classifier>, BuildError> {
     match settings.kind {
         ClassifierKind::Onnx => Ok(std::sync::Arc::new(OnnxClassifier::new(settings)?)),
-        ClassifierKind::Keyword => {
-            Err(BuildError("the keyword classifier is not built yet".into()))
-        }
+        ClassifierKind::Keyword => Ok(std::sync::Arc::new(keyword::KeywordClassifier::new())),
     }
 }

@@ -7,7 +7,10 @@ use clap::{Parser, Subcommand};
 
 pub mod audit;
 pub mod classify;
+pub mod check_config;
+pub mod demo;
 pub mod eval;
+pub mod serve;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -22,6 +25,13 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Run the gateway.
+    Serve(serve::ServeArgs),
+    /// Validate the configuration and policies without serving.
+    CheckConfig(check_config::CheckConfigArgs),
+    /// Run the gateway in front of a built-in replay upstream and print
+    /// commands to try it.
+    Demo(demo::DemoArgs),
     /// Evaluate the classifier on labelled JSONL (the `dev.jsonl` format).
     Eval(eval::EvalArgs),
     /// Read and maintain the audit trail: list, show, export, purge.
@@ -35,6 +45,9 @@ pub enum Command {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Serve(args) => serve::run(args),
+        Command::CheckConfig(args) => check_config::run(args),
+        Command::Demo(args) => demo::run(args),
         Command::Eval(args) => eval::run(args),
         Command::Audit(args) => audit::run(args),
         Command::Classify(args) => classify::run(args),

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# The test command: set up a fresh machine, then lint and run every test.
+#   bash scripts/test.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+bash scripts/setup.sh --browser
+if ! command -v cargo-nextest >/dev/null 2>&1; then
+  echo "test: installing cargo-nextest from crates.io"
+  cargo install --locked cargo-nextest
+fi
+# ONNX Runtime for the classifier tests (load-dynamic).
+export ORT_DYLIB_PATH="${ORT_DYLIB_PATH:-$PWD/.cache/onnxruntime/libonnxruntime.so}"
+
+cargo fmt --check
+cargo clippy --all-targets -- -D warnings
+cargo nextest run --profile ci

@@ -1,0 +1,128 @@
+//! `carewall demo`: the gateway in front of the built-in replay upstream,
+//! with copy-paste commands to try it.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+
+use crate::config::Config;
+use crate::moderation::NoopSink;
+
+#[derive(Debug, clap::Args)]
+pub struct DemoArgs {
+    /// Classifier: `onnx` (the shipped model in models/carewall-safety) or
+    /// `keyword` (a deterministic stand-in that needs no model files).
+    #[arg(long, default_value = "onnx")]
+    pub classifier: String,
+    /// Address for the gateway.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub listen: String,
+    /// Delay between streamed pieces of the replayed replies.
+    #[arg(long, default_value_t = 40)]
+    pub piece_delay_ms: u64,
+}
+
+pub fn run(args: DemoArgs) -> anyhow::Result<()> {
+    if !matches!(args.classifier.as_str(), "onnx" | "keyword") {
+        anyhow::bail!(
+            "--classifier: `{}` is not known; use onnx or keyword",
+            args.classifier
+        );
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    rt.block_on(demo(args))
+}
+
+async fn demo(args: DemoArgs) -> anyhow::Result<()> {
+    let upstream = crate::demo::start_replay(Duration::from_millis(args.piece_delay_ms))
+        .await
+        .context("starting the replay upstream")?;
+    let base = format!("http://{upstream}/v1");
+    // Layered after config/carewall.toml, before CAREWALL__* variables.
+    let inline = format!(
+        "[server]\nlisten = \"{}\"\n[upstream]\nbase_url = \"{base}\"\napi_key = \"demo-key\"\n\
+         [classifier]\nkind = \"{}\"\n[logging]\nformat = \"pretty\"\nlevel = \"warn\"\n",
+        args.listen, args.classifier
+    );
+    let mut sources = Config::sources(None);
+    sources.inline_toml = Some(inline);
+    let (config, policies) = Config::load_all(&sources)?;
+    if args.classifier == "onnx" && !config.classifier.model_dir.join("model.onnx").is_file() {
+        anyhow::bail!(
+            "the ONNX model is not at {} (run `bash scripts/setup.sh`, or try the demo without it: \
+             `cargo run --release -- demo --classifier keyword`)",
+            config.classifier.model_dir.display()
+        );
+    }
+    crate::logging::init(&config.logging)?;
+    let classifier = args.classifier.clone();
+    super::serve::serve(
+        config,
+        policies,
+        Arc::new(NoopSink),
+        super::serve::shutdown_signal(),
+        move |addr| print_instructions(addr, upstream, &classifier),
+    )
+    .await
+}
+
+fn print_instructions(addr: SocketAddr, upstream: SocketAddr, classifier: &str) {
+    let gw = format!("http://{addr}/v1");
+    let q = crate::demo::sample_question();
+    let body = |content: &str| {
+        serde_json::json!({"model": "demo", "stream": true, "messages": [{"role": "user", "content": content}]})
+            .to_string()
+    };
+    println!(
+        r#"
+carewall demo is running (classifier: {classifier}, policy: default). Ctrl-C stops it.
+  gateway   {gw}   (OpenAI-compatible; point any OpenAI SDK here)
+  upstream  http://{upstream}/v1   (built-in replay: SmileChat counsellor replies + scripted unsafe ones)
+
+1) A safe reply, released sentence by sentence as each one passes the classifier
+   (the last chunk carries the "moderation" verdict):
+
+curl -N {gw}/chat/completions -H 'content-type: application/json' \
+  -d '{safe}'
+
+2) An unsafe reply (toxic language): held back, never shown, and replaced by the
+   policy's safe reply with crisis-line wording; finish_reason "content_filter":
+
+curl -N {gw}/chat/completions -H 'content-type: application/json' \
+  -d '{toxic}'
+
+3) The same with the Python `openai` package (pip install openai), plus a reply
+   with medication advice under the `strict` policy (replaced as a whole):
+
+python3 - <<'PY'
+from openai import OpenAI
+client = OpenAI(base_url="{gw}", api_key="not-needed")
+for question, policy in [("{q}", "default"),
+                         ("Be honest, am I being rude?", "default"),
+                         ("Should I stop my medication?", "strict")]:
+    print(f"\n>>> {{question}}  (policy {{policy}})")
+    stream = client.chat.completions.create(
+        model="demo", stream=True, messages=[{{"role": "user", "content": question}}],
+        extra_headers={{"x-carewall-policy": policy}})
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            print(chunk.choices[0].delta.content, end="", flush=True)
+        verdict = chunk.to_dict().get("moderation")
+        if verdict:
+            print(f"\n[moderation] category={{verdict['category']}} action={{verdict['action']}}")
+PY
+
+4) Classify a (context, response) pair directly:
+
+curl -s {gw}/moderations -H 'content-type: application/json' \
+  -d '{{"context": "[seeker]I feel so alone.", "input": "You are pathetic, stop whining."}}'
+"#,
+        safe = body(&q),
+        toxic = body("Be honest, am I being rude?"),
+    );
+}

@@ -1,0 +1,139 @@
+//! `carewall serve --config FILE`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+
+use crate::classifier::{self, Classifier, ClassifyError, ClassifyFuture, Pair};
+use crate::config::Config;
+use crate::moderation::{ExchangeSink, NoopSink};
+use crate::policy::PolicySet;
+use crate::proxy::{self, AppState};
+
+#[derive(Debug, clap::Args)]
+pub struct ServeArgs {
+    /// Configuration file (default: config/carewall.toml if it exists).
+    #[arg(long, short)]
+    pub config: Option<PathBuf>,
+}
+
+pub fn run(args: ServeArgs) -> anyhow::Result<()> {
+    let (config, policies) = Config::load_all(&Config::sources(args.config.as_deref()))?;
+    crate::logging::init(&config.logging)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    rt.block_on(serve(
+        config,
+        policies,
+        Arc::new(NoopSink),
+        shutdown_signal(),
+        |_| {},
+    ))
+}
+
+/// Stands in when moderation is off and no classifier could be built, so a
+/// pass-through deployment does not need the model files.
+struct Unavailable(String);
+
+impl Classifier for Unavailable {
+    fn classify(&self, _pair: Pair) -> ClassifyFuture<'_> {
+        Box::pin(std::future::ready(Err(ClassifyError::Unavailable)))
+    }
+    fn name(&self) -> &str {
+        &self.0
+    }
+    fn is_ready(&self) -> bool {
+        false
+    }
+}
+
+/// Build the classifier the configuration asks for. With moderation off, a
+/// failure is logged and the gateway runs as a pass-through without one.
+pub fn build_classifier(config: &Config) -> anyhow::Result<Arc<dyn Classifier>> {
+    match classifier::build(&config.classifier) {
+        Ok(c) => Ok(c),
+        Err(e) if !config.moderation.enabled => {
+            tracing::warn!(error = %e, "no classifier (moderation is off, so chat still passes through)");
+            Ok(Arc::new(Unavailable("unavailable".into())))
+        }
+        Err(e) => Err(anyhow::anyhow!("classifier: {e}")),
+    }
+}
+
+/// Build the state, bind, announce the address on stdout, and serve until
+/// `shutdown`. SIGHUP reloads policies. `on_bound` sees the bound address
+/// (the demo prints its instructions there).
+pub async fn serve(
+    config: Config,
+    policies: PolicySet,
+    sink: Arc<dyn ExchangeSink>,
+    shutdown: impl std::future::Future<Output = ()>,
+    on_bound: impl FnOnce(SocketAddr),
+) -> anyhow::Result<()> {
+    let classifier = build_classifier(&config)?;
+    let state = AppState::new(config, policies, classifier, sink)?;
+    let listener = proxy::bind(&state.config.server).await?;
+    let addr = listener.local_addr().context("reading the bound address")?;
+    let scheme = if state.config.server.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    // Tests and scripts read the port from this line.
+    println!("carewall listening on {scheme}://{addr}");
+    tracing::info!(%addr, moderation = state.config.moderation.enabled, classifier = state.moderator.classifier().name(), "listening");
+    on_bound(addr);
+    spawn_reload_on_sighup(state.clone());
+    proxy::serve(state, listener, shutdown).await?;
+    Ok(())
+}
+
+#[cfg(unix)]
+fn spawn_reload_on_sighup(state: Arc<AppState>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        tracing::warn!("cannot listen for SIGHUP; policy reload is off");
+        return;
+    };
+    tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            match state.reload_policies() {
+                Ok(names) => tracing::info!(policies = ?names, "policies reloaded"),
+                Err(e) => {
+                    tracing::error!(error = %e, "policy reload failed; keeping the previous policies")
+                }
+            }
+        }
+    });
+}
+
+#[cfg(not(unix))]
+fn spawn_reload_on_sighup(_state: Arc<AppState>) {}
+
+/// Resolves on Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {},
+                    _ = term.recv() => {},
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+    tracing::info!("shutdown signal received");
+}

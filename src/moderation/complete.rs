@@ -1,0 +1,172 @@
+//! Non-streaming moderation: classify the whole answer, apply the policy to
+//! the response JSON, and attach the verdict.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use serde_json::{json, Value};
+use tokio::time::Instant;
+
+use super::context::{response_text, ChatRequest};
+use super::sink::{ExchangeOutcome, ExchangeRecord, ExchangeSink, Timings};
+use super::verdict::{
+    appendix, remedy_finish_reason, remedy_text, Gate, Tally, Verdict, VerdictMeta,
+};
+use super::{ChatUpstream, Moderator};
+use crate::policy::{Action, PolicyRef};
+
+/// Everything one non-streaming exchange needs.
+pub struct CompleteJob {
+    pub moderator: Arc<Moderator>,
+    pub upstream: Arc<dyn ChatUpstream>,
+    pub sink: Arc<dyn ExchangeSink>,
+    pub policy: PolicyRef,
+    pub request: ChatRequest,
+    pub request_id: String,
+    pub deadline: Instant,
+    pub started: Instant,
+    pub started_at: SystemTime,
+    pub upstream_first_byte: Option<Duration>,
+}
+
+/// The reply text of a completion (`choices[0].message.content`), if any.
+fn reply_of(resp: &Value) -> Option<String> {
+    resp.pointer("/choices/0/message/content")
+        .and_then(Value::as_str)
+        .map(str::to_string)
+}
+
+fn set_reply(resp: &mut Value, text: &str, finish: Option<&str>) {
+    if let Some(msg) = resp.pointer_mut("/choices/0/message") {
+        msg["content"] = json!(text);
+    }
+    if let Some(f) = finish {
+        if let Some(choice) = resp.pointer_mut("/choices/0") {
+            choice["finish_reason"] = json!(f);
+        }
+    }
+}
+
+/// Moderate a complete response (`first` is the upstream's answer) and
+/// return the body for the client with the `moderation` object attached.
+pub async fn run(job: CompleteJob, first: Value) -> (Value, Verdict) {
+    let meta = VerdictMeta {
+        request_id: job.request_id.clone(),
+        policy: job.policy.name.clone(),
+        policy_version: job.policy.version.clone(),
+        streaming: None,
+        classifier: job.moderator.classifier().name().to_string(),
+    };
+    let lang = job.request.lang;
+    let mut tally = Tally::default();
+    let mut classify_total = Duration::ZERO;
+    let mut resp = first;
+    let mut upstream_text;
+    let delivered;
+    loop {
+        upstream_text = reply_of(&resp).unwrap_or_default();
+        if upstream_text.is_empty() {
+            // Tool calls or an empty answer: nothing a person reads.
+            delivered = String::new();
+            break;
+        }
+        let gate = match job
+            .moderator
+            .classify(&job.request.context, &response_text(&upstream_text))
+            .await
+        {
+            Ok(c) => {
+                classify_total += c.elapsed;
+                let d = job.policy.decide(&c.scores);
+                tally.gate(&job.policy, &d, c.scores, false, false)
+            }
+            Err((e, elapsed)) => {
+                classify_total += elapsed;
+                tally.gate_error(&job.policy, &e, false)
+            }
+        };
+        match gate {
+            Gate::Release => {
+                let text = format!(
+                    "{upstream_text}{}",
+                    appendix(&job.policy, &tally.appends, lang)
+                );
+                set_reply(&mut resp, &text, None);
+                delivered = text;
+                break;
+            }
+            Gate::Retry(c) => {
+                tally.start_retry(&c);
+                let body = job
+                    .request
+                    .retry_body(job.policy.retry_system_message.as_deref());
+                match tokio::time::timeout_at(job.deadline, job.upstream.complete(body)).await {
+                    Ok(Ok(r)) => resp = r,
+                    Ok(Err(e)) => {
+                        tally.error = Some(format!("retry failed: {e}"));
+                        delivered = remedy(
+                            &mut resp,
+                            &mut tally,
+                            &job,
+                            Action::Replace,
+                            Some(c.category),
+                        );
+                        break;
+                    }
+                    Err(_) => {
+                        tally.error = Some("retry failed: upstream total timeout".into());
+                        delivered = remedy(
+                            &mut resp,
+                            &mut tally,
+                            &job,
+                            Action::Replace,
+                            Some(c.category),
+                        );
+                        break;
+                    }
+                }
+            }
+            Gate::Stop { action, category } => {
+                delivered = remedy(&mut resp, &mut tally, &job, action, category);
+                break;
+            }
+        }
+    }
+    let verdict = tally.verdict(&meta);
+    if let Value::Object(m) = &mut resp {
+        m.insert("moderation".into(), verdict.to_json());
+    }
+    job.sink.record(ExchangeRecord {
+        verdict: verdict.clone(),
+        outcome: ExchangeOutcome::Completed,
+        model: job.request.model.clone(),
+        stream: false,
+        context: job.request.context.clone(),
+        upstream_text,
+        delivered_text: delivered,
+        timings: Timings {
+            started_at: job.started_at,
+            total: job.started.elapsed(),
+            upstream_first_byte: job.upstream_first_byte,
+            classify_total,
+        },
+    });
+    (resp, verdict)
+}
+
+fn remedy(
+    resp: &mut Value,
+    tally: &mut Tally,
+    job: &CompleteJob,
+    action: Action,
+    category: Option<crate::classifier::Category>,
+) -> String {
+    tally.stopped(action, category);
+    let text = remedy_text(&job.policy, action, job.request.lang).to_string();
+    set_reply(resp, &text, Some(remedy_finish_reason(action)));
+    // A remedied answer carries no tool calls from the rejected draft.
+    if let Some(Value::Object(msg)) = resp.pointer_mut("/choices/0/message") {
+        msg.remove("tool_calls");
+    }
+    text
+}

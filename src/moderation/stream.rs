@@ -1,0 +1,619 @@
+//! The streaming moderation engine: reads the upstream's chunk stream,
+//! decides what to release, and writes SSE frames for the client to a
+//! channel.
+//!
+//! Modes (`moderation.streaming` of the policy):
+//! - `window`: text is held until a sentence boundary (`。！？!?.` or a
+//!   newline) or `max_hold_chars`; the response so far (with its context) is
+//!   classified before the held text is released; the complete response is
+//!   classified at the end. Nothing is released before the classification
+//!   covering it passed.
+//! - `buffer`: the whole response is held and classified once.
+//! - `observe`: chunks pass through untouched; the complete response is
+//!   classified at the end and only annotated.
+//!
+//! Mid-stream remedies (`replace`, `block`, `fail_closed`): the flagged and
+//! all later text is withheld, the upstream call is dropped, and the safe
+//! (or block) reply is sent as a continuation after a blank line, then the
+//! final chunk (`finish_reason` `stop` for replace, `content_filter` for
+//! block) with the verdict. `retry` is only possible while nothing has been
+//! released; later it falls back to `replace`.
+//!
+//! Output framing: chunks the gateway writes reuse the first upstream
+//! chunk's `id`, `created`, `model` and `system_fingerprint`, so the client
+//! sees one consistent `chat.completion.chunk` stream ending in `[DONE]`,
+//! even across retries. The final chunk carries the `moderation` object.
+//! Tool-call deltas are forwarded as they come (they are not text shown to
+//! the person); `logprobs` are dropped in window and buffer modes because the
+//! text is re-chunked.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use futures::StreamExt;
+use serde_json::{json, Map, Value};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use super::context::{response_text, ChatRequest};
+use super::sink::{ExchangeOutcome, ExchangeRecord, ExchangeSink, Timings};
+use super::verdict::{
+    appendix, remedy_finish_reason, remedy_text, Gate, Tally, Verdict, VerdictMeta,
+};
+use super::{ChatUpstream, DataStream, Moderator};
+use crate::classifier::Category;
+use crate::error::GatewayError;
+use crate::policy::{Action, Candidate, PolicyRef, StreamMode};
+use crate::proxy::sse;
+
+/// Characters after which held text may be released in window mode.
+pub const BOUNDARIES: &[char] = &['。', '！', '？', '!', '?', '.', '\n'];
+
+/// Byte index up to which `pending` is ready for classification: after the
+/// last sentence boundary, else after `max_hold` characters, else none.
+pub fn ready_cut(pending: &str, max_hold: usize) -> Option<usize> {
+    let mut cut = None;
+    for (i, ch) in pending.char_indices() {
+        if BOUNDARIES.contains(&ch) {
+            cut = Some(i + ch.len_utf8());
+        }
+    }
+    if cut.is_some() {
+        return cut;
+    }
+    pending
+        .char_indices()
+        .nth(max_hold)
+        .map(|(i, _)| i)
+        .or_else(|| {
+            if pending.chars().count() >= max_hold && !pending.is_empty() {
+                Some(pending.len())
+            } else {
+                None
+            }
+        })
+}
+
+/// Everything one streamed exchange needs.
+pub struct StreamJob {
+    pub moderator: Arc<Moderator>,
+    pub upstream: Arc<dyn ChatUpstream>,
+    pub sink: Arc<dyn ExchangeSink>,
+    pub policy: PolicyRef,
+    pub mode: StreamMode,
+    pub request: ChatRequest,
+    pub request_id: String,
+    /// When the whole upstream exchange must be over (`upstream.total_timeout_ms`).
+    pub deadline: Instant,
+    pub started: Instant,
+    pub started_at: SystemTime,
+    pub upstream_first_byte: Option<Duration>,
+    /// `upstream.total_timeout_ms`, for the error message.
+    pub total_timeout: Duration,
+}
+
+/// How the stream ended, for the access log.
+#[derive(Debug, Clone)]
+pub struct StreamSummary {
+    pub verdict: Verdict,
+    pub outcome: ExchangeOutcome,
+}
+
+struct Gone;
+
+/// The client side: frames written to the response body's channel.
+struct Out {
+    tx: mpsc::Sender<Bytes>,
+    template: Option<Map<String, Value>>,
+    fallback_id: String,
+    fallback_model: String,
+    role_sent: bool,
+    delivered: String,
+}
+
+impl Out {
+    async fn send(&mut self, b: Bytes) -> Result<(), Gone> {
+        self.tx.send(b).await.map_err(|_| Gone)
+    }
+
+    /// Remember the first upstream chunk's identity fields.
+    fn learn(&mut self, chunk: &Value) {
+        if self.template.is_some() {
+            return;
+        }
+        let mut m = Map::new();
+        for k in [
+            "id",
+            "object",
+            "created",
+            "model",
+            "system_fingerprint",
+            "service_tier",
+        ] {
+            if let Some(v) = chunk.get(k) {
+                m.insert(k.to_string(), v.clone());
+            }
+        }
+        self.template = Some(m);
+    }
+
+    fn chunk(&self, delta: Value, finish: Option<&str>) -> Map<String, Value> {
+        let mut m = self.template.clone().unwrap_or_default();
+        m.entry("id")
+            .or_insert_with(|| Value::String(self.fallback_id.clone()));
+        m.entry("object")
+            .or_insert_with(|| json!("chat.completion.chunk"));
+        m.entry("created").or_insert_with(|| {
+            json!(SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0))
+        });
+        m.entry("model")
+            .or_insert_with(|| Value::String(self.fallback_model.clone()));
+        m.insert(
+            "choices".into(),
+            json!([{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}]),
+        );
+        m
+    }
+
+    async fn delta(&mut self, mut delta: Map<String, Value>) -> Result<(), Gone> {
+        if !self.role_sent {
+            delta.insert("role".into(), json!("assistant"));
+            self.role_sent = true;
+        }
+        let c = self.chunk(Value::Object(delta), None);
+        self.send(sse::encode(&Value::Object(c).to_string())).await
+    }
+
+    async fn text(&mut self, t: &str) -> Result<(), Gone> {
+        if t.is_empty() {
+            return Ok(());
+        }
+        self.delivered.push_str(t);
+        let mut d = Map::new();
+        d.insert("content".into(), json!(t));
+        self.delta(d).await
+    }
+
+    async fn finish(
+        &mut self,
+        reason: &str,
+        verdict: &Verdict,
+        held: Option<Value>,
+    ) -> Result<(), Gone> {
+        let mut c = match held.and_then(|v| match v {
+            Value::Object(m) => Some(m),
+            _ => None,
+        }) {
+            Some(m) => m,
+            None => {
+                let mut d = Map::new();
+                if !self.role_sent {
+                    d.insert("role".into(), json!("assistant"));
+                    self.role_sent = true;
+                }
+                self.chunk(Value::Object(d), Some(reason))
+            }
+        };
+        c.insert("moderation".into(), verdict.to_json());
+        self.send(sse::encode(&Value::Object(c).to_string())).await
+    }
+
+    async fn error(&mut self, e: &GatewayError) -> Result<(), Gone> {
+        self.send(sse::encode(&e.body().to_string())).await
+    }
+
+    async fn done(&mut self) -> Result<(), Gone> {
+        self.send(sse::done()).await
+    }
+}
+
+enum Step {
+    Data(String),
+    End,
+    Fail(GatewayError),
+    Gone,
+}
+
+enum AttemptEnd {
+    /// Final chunk and `[DONE]` were written.
+    Done,
+    Retry(Candidate),
+    Failed(GatewayError),
+    Gone,
+}
+
+struct Run<'a> {
+    job: &'a StreamJob,
+    out: Out,
+    tally: Tally,
+    meta: VerdictMeta,
+    /// Text released to the client in this attempt.
+    released: String,
+    /// Text received but not yet classified.
+    pending: String,
+    /// `released.len()` when the last classification covered all of it.
+    classified_upto: Option<usize>,
+    finish_reason: Option<String>,
+    /// Observe mode: the upstream's finish chunk, held for the verdict.
+    held_finish: Option<Value>,
+    /// Chunks without choices (usage) or after the finish chunk.
+    trailing: Vec<Value>,
+    /// Upstream text of the current attempt.
+    upstream_text: String,
+    classify_total: Duration,
+}
+
+/// Run one streamed exchange to its end. Frames go to `tx`; when the
+/// receiver is dropped (client gone) the upstream stream is dropped too,
+/// which cancels the upstream call. The sink gets the record at the end.
+pub async fn run(job: StreamJob, first: DataStream, tx: mpsc::Sender<Bytes>) -> StreamSummary {
+    let meta = VerdictMeta {
+        request_id: job.request_id.clone(),
+        policy: job.policy.name.clone(),
+        policy_version: job.policy.version.clone(),
+        streaming: Some(job.mode),
+        classifier: job.moderator.classifier().name().to_string(),
+    };
+    let mut run = Run {
+        job: &job,
+        out: Out {
+            tx,
+            template: None,
+            fallback_id: format!("chatcmpl-{}", job.request_id),
+            fallback_model: job
+                .request
+                .model
+                .clone()
+                .unwrap_or_else(|| "unknown".into()),
+            role_sent: false,
+            delivered: String::new(),
+        },
+        tally: Tally::default(),
+        meta,
+        released: String::new(),
+        pending: String::new(),
+        classified_upto: None,
+        finish_reason: None,
+        held_finish: None,
+        trailing: Vec::new(),
+        upstream_text: String::new(),
+        classify_total: Duration::ZERO,
+    };
+    let outcome = run.drive(first).await;
+    let mut verdict = run.tally.verdict(&run.meta);
+    if let ExchangeOutcome::UpstreamFailed = outcome {
+        verdict
+            .error
+            .get_or_insert_with(|| "upstream failed mid-stream".into());
+    }
+    let record = ExchangeRecord {
+        verdict: verdict.clone(),
+        outcome,
+        model: job.request.model.clone(),
+        stream: true,
+        context: job.request.context.clone(),
+        upstream_text: std::mem::take(&mut run.upstream_text),
+        delivered_text: std::mem::take(&mut run.out.delivered),
+        timings: Timings {
+            started_at: job.started_at,
+            total: job.started.elapsed(),
+            upstream_first_byte: job.upstream_first_byte,
+            classify_total: run.classify_total,
+        },
+    };
+    job.sink.record(record);
+    StreamSummary { verdict, outcome }
+}
+
+impl Run<'_> {
+    async fn drive(&mut self, first: DataStream) -> ExchangeOutcome {
+        let mut stream = first;
+        loop {
+            match self.attempt(&mut stream).await {
+                AttemptEnd::Done => return ExchangeOutcome::Completed,
+                AttemptEnd::Gone => return ExchangeOutcome::ClientDisconnected,
+                AttemptEnd::Failed(e) => {
+                    let _ = self.out.error(&e).await;
+                    self.tally.error = Some(e.to_string());
+                    return ExchangeOutcome::UpstreamFailed;
+                }
+                AttemptEnd::Retry(c) => {
+                    // Dropping the stream cancels the rejected attempt upstream.
+                    drop(std::mem::replace(
+                        &mut stream,
+                        futures::stream::empty().boxed(),
+                    ));
+                    self.tally.start_retry(&c);
+                    let body = self
+                        .job
+                        .request
+                        .retry_body(self.job.policy.retry_system_message.as_deref());
+                    let opened = tokio::time::timeout_at(
+                        self.job.deadline,
+                        self.job.upstream.open_stream(body),
+                    )
+                    .await;
+                    match opened {
+                        Ok(Ok(s)) => {
+                            stream = s;
+                            self.reset_attempt();
+                        }
+                        Ok(Err(e)) => {
+                            self.tally.error = Some(format!("retry failed: {e}"));
+                            return self.stop_outcome(Action::Replace, Some(c.category)).await;
+                        }
+                        Err(_) => {
+                            self.tally.error = Some("retry failed: upstream total timeout".into());
+                            return self.stop_outcome(Action::Replace, Some(c.category)).await;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    async fn stop_outcome(
+        &mut self,
+        action: Action,
+        category: Option<Category>,
+    ) -> ExchangeOutcome {
+        match self.stop(action, category).await {
+            AttemptEnd::Gone => ExchangeOutcome::ClientDisconnected,
+            _ => ExchangeOutcome::Completed,
+        }
+    }
+
+    fn reset_attempt(&mut self) {
+        self.released.clear();
+        self.pending.clear();
+        self.classified_upto = None;
+        self.finish_reason = None;
+        self.held_finish = None;
+        self.trailing.clear();
+        self.upstream_text.clear();
+    }
+
+    async fn next(&mut self, stream: &mut DataStream) -> Step {
+        let closed = self.out.tx.clone();
+        tokio::select! {
+            biased;
+            _ = closed.closed() => Step::Gone,
+            r = tokio::time::timeout_at(self.job.deadline, stream.next()) => match r {
+                Err(_) => Step::Fail(GatewayError::UpstreamTimeout {
+                    phase: "the total",
+                    ms: self.job.total_timeout.as_millis() as u64,
+                }),
+                Ok(None) => Step::End,
+                Ok(Some(Ok(d))) => Step::Data(d),
+                Ok(Some(Err(e))) => Step::Fail(e),
+            },
+        }
+    }
+
+    /// Classify `reply` (the response so far) and gate it. `None`: the
+    /// client went away while waiting.
+    async fn check(&mut self, reply: &str) -> Option<Gate> {
+        let observe = self.job.mode == StreamMode::Observe;
+        let response = response_text(reply);
+        let closed = self.out.tx.clone();
+        let res = tokio::select! {
+            biased;
+            _ = closed.closed() => return None,
+            r = self.job.moderator.classify(&self.job.request.context, &response) => r,
+        };
+        let released_any = !self.released.is_empty();
+        let gate = match res {
+            Ok(c) => {
+                self.classify_total += c.elapsed;
+                let d = self.job.policy.decide(&c.scores);
+                self.tally
+                    .gate(&self.job.policy, &d, c.scores, released_any, observe)
+            }
+            Err((e, elapsed)) => {
+                self.classify_total += elapsed;
+                self.tally.gate_error(&self.job.policy, &e, observe)
+            }
+        };
+        Some(gate)
+    }
+
+    async fn attempt(&mut self, stream: &mut DataStream) -> AttemptEnd {
+        let observe = self.job.mode == StreamMode::Observe;
+        let mut saw_done = false;
+        loop {
+            let data = match self.next(stream).await {
+                Step::Gone => return AttemptEnd::Gone,
+                Step::Fail(e) => return AttemptEnd::Failed(e),
+                Step::End => break,
+                Step::Data(d) => d,
+            };
+            if data.trim() == "[DONE]" {
+                saw_done = true;
+                break;
+            }
+            let chunk: Value = match serde_json::from_str(&data) {
+                Ok(v @ Value::Object(_)) => v,
+                _ => {
+                    return AttemptEnd::Failed(GatewayError::UpstreamProtocol(
+                        "a stream event is not a JSON chunk object".into(),
+                    ))
+                }
+            };
+            if let Some(err) = chunk.get("error") {
+                let msg = err
+                    .get("message")
+                    .and_then(Value::as_str)
+                    .unwrap_or("no message");
+                return AttemptEnd::Failed(GatewayError::UpstreamProtocol(format!(
+                    "the upstream reported an error mid-stream: {msg}"
+                )));
+            }
+            self.out.learn(&chunk);
+            let Some(choice) = chunk
+                .get("choices")
+                .and_then(Value::as_array)
+                .and_then(|a| a.first())
+                .cloned()
+            else {
+                // Usage-only chunks (stream_options.include_usage) go last.
+                self.trailing.push(chunk);
+                continue;
+            };
+            let text = choice
+                .pointer("/delta/content")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_string();
+            let finish = choice
+                .get("finish_reason")
+                .and_then(Value::as_str)
+                .map(str::to_string);
+            self.upstream_text.push_str(&text);
+
+            if observe {
+                self.pending.push_str(&text);
+                if finish.is_some() {
+                    self.finish_reason = finish;
+                    self.held_finish = Some(chunk);
+                } else if self.held_finish.is_some() {
+                    self.trailing.push(chunk);
+                } else {
+                    self.out.delivered.push_str(&text);
+                    if self.out.send(sse::encode(&data)).await.is_err() {
+                        return AttemptEnd::Gone;
+                    }
+                }
+                continue;
+            }
+
+            if let Some(f) = finish {
+                self.finish_reason = Some(f);
+            }
+            // Non-text deltas (tool calls, role) are released as they come.
+            if let Some(Value::Object(delta)) = choice.get("delta") {
+                let mut rest: Map<String, Value> = delta
+                    .iter()
+                    .filter(|(k, v)| {
+                        k.as_str() != "content" && k.as_str() != "role" && !v.is_null()
+                    })
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect();
+                let role_only = delta.contains_key("role") && text.is_empty() && rest.is_empty();
+                if !rest.is_empty() || (role_only && !self.out.role_sent) {
+                    rest.remove("refusal");
+                    if self.out.delta(rest).await.is_err() {
+                        return AttemptEnd::Gone;
+                    }
+                }
+            }
+            if text.is_empty() {
+                continue;
+            }
+            self.pending.push_str(&text);
+            if self.job.mode != StreamMode::Window {
+                continue;
+            }
+            while let Some(cut) = ready_cut(&self.pending, self.job.policy.max_hold_chars) {
+                let segment: String = self.pending.drain(..cut).collect();
+                let candidate = format!("{}{}", self.released, segment);
+                match self.check(&candidate).await {
+                    None => return AttemptEnd::Gone,
+                    Some(Gate::Release) => {
+                        if self.out.text(&segment).await.is_err() {
+                            return AttemptEnd::Gone;
+                        }
+                        self.released.push_str(&segment);
+                        self.classified_upto = Some(self.released.len());
+                    }
+                    Some(Gate::Retry(c)) => return AttemptEnd::Retry(c),
+                    Some(Gate::Stop { action, category }) => {
+                        return self.stop(action, category).await
+                    }
+                }
+            }
+        }
+        if !saw_done && self.finish_reason.is_none() {
+            return AttemptEnd::Failed(GatewayError::UpstreamProtocol(
+                "the upstream stream ended before the response was complete".into(),
+            ));
+        }
+        self.finish_attempt().await
+    }
+
+    async fn finish_attempt(&mut self) -> AttemptEnd {
+        let observe = self.job.mode == StreamMode::Observe;
+        let full = format!("{}{}", self.released, self.pending);
+        let covered = self.pending.is_empty() && self.classified_upto == Some(self.released.len());
+        if !full.is_empty() && !covered {
+            match self.check(&full).await {
+                None => return AttemptEnd::Gone,
+                Some(Gate::Release) => {}
+                Some(Gate::Retry(c)) => return AttemptEnd::Retry(c),
+                Some(Gate::Stop { action, category }) => return self.stop(action, category).await,
+            }
+        }
+        if !observe {
+            let pending = std::mem::take(&mut self.pending);
+            if self.out.text(&pending).await.is_err() {
+                return AttemptEnd::Gone;
+            }
+            self.released.push_str(&pending);
+            let extra = appendix(&self.job.policy, &self.tally.appends, self.job.request.lang);
+            if self.out.text(&extra).await.is_err() {
+                return AttemptEnd::Gone;
+            }
+        }
+        let verdict = self.tally.verdict(&self.meta);
+        let reason = self.finish_reason.clone().unwrap_or_else(|| "stop".into());
+        let held = self.held_finish.take();
+        if self.out.finish(&reason, &verdict, held).await.is_err() {
+            return AttemptEnd::Gone;
+        }
+        for t in std::mem::take(&mut self.trailing) {
+            if self.out.send(sse::encode(&t.to_string())).await.is_err() {
+                return AttemptEnd::Gone;
+            }
+        }
+        if self.out.done().await.is_err() {
+            return AttemptEnd::Gone;
+        }
+        AttemptEnd::Done
+    }
+
+    /// End the response with a remedy: withhold everything not yet
+    /// released, send the safe/block reply, the final chunk and `[DONE]`.
+    async fn stop(&mut self, action: Action, category: Option<Category>) -> AttemptEnd {
+        self.tally.stopped(action, category);
+        self.pending.clear();
+        let text = remedy_text(&self.job.policy, action, self.job.request.lang);
+        let reply = if self.released.is_empty() {
+            text.to_string()
+        } else {
+            format!("\n\n{text}")
+        };
+        if self.out.text(&reply).await.is_err() {
+            return AttemptEnd::Gone;
+        }
+        let verdict = self.tally.verdict(&self.meta);
+        if self
+            .out
+            .finish(remedy_finish_reason(action), &verdict, None)
+            .await
+            .is_err()
+        {
+            return AttemptEnd::Gone;
+        }
+        if self.out.done().await.is_err() {
+            return AttemptEnd::Gone;
+        }
+        AttemptEnd::Done
+    }
+}
+
+#[cfg(test)]
+#[path = "stream_tests.rs"]
+mod tests;

@@ -1,0 +1,525 @@
+//! Window/buffer/observe engine tests on the paused tokio clock, with a
+//! scripted upstream and a keyword classifier that takes a fixed time.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use futures::future::BoxFuture;
+use futures::StreamExt;
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use super::*;
+use crate::classifier::keyword::KeywordClassifier;
+use crate::classifier::{Classifier, ClassifyFuture, Pair};
+use crate::moderation::context::ChatRequest;
+use crate::moderation::{ChatUpstream, DataStream, Moderator, NoopSink};
+use crate::policy::{Policy, PolicySet, StreamMode};
+
+const CLASSIFY_MS: u64 = 50;
+
+/// Keyword scores after a fixed delay, so release times are checkable.
+struct SlowKeyword;
+
+impl Classifier for SlowKeyword {
+    fn classify(&self, pair: Pair) -> ClassifyFuture<'_> {
+        Box::pin(async move {
+            tokio::time::sleep(Duration::from_millis(CLASSIFY_MS)).await;
+            KeywordClassifier.classify(pair).await
+        })
+    }
+    fn name(&self) -> &str {
+        "slow-keyword"
+    }
+}
+
+fn chunk(text: &str) -> String {
+    json!({"id": "up-1", "object": "chat.completion.chunk", "created": 1, "model": "m",
+           "choices": [{"index": 0, "delta": {"content": text}, "finish_reason": null}]})
+    .to_string()
+}
+
+fn role_chunk() -> String {
+    json!({"id": "up-1", "object": "chat.completion.chunk", "created": 1, "model": "m",
+           "choices": [{"index": 0, "delta": {"role": "assistant"}, "finish_reason": null}]})
+    .to_string()
+}
+
+fn finish_chunk() -> String {
+    json!({"id": "up-1", "object": "chat.completion.chunk", "created": 1, "model": "m",
+           "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+    .to_string()
+}
+
+/// A reply as upstream events: role, one chunk per piece 10 ms apart,
+/// finish, `[DONE]`.
+fn reply(pieces: &[&str]) -> Vec<(u64, String)> {
+    let mut v = vec![(0, role_chunk())];
+    v.extend(pieces.iter().map(|p| (10, chunk(p))));
+    v.push((10, finish_chunk()));
+    v.push((0, "[DONE]".into()));
+    v
+}
+
+/// Sets its flag when dropped: shows the upstream stream was dropped.
+struct DropFlag(Arc<AtomicBool>);
+impl Drop for DropFlag {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+}
+
+fn scripted(events: Vec<(u64, String)>, dropped: Option<Arc<AtomicBool>>) -> DataStream {
+    let guard = dropped.map(DropFlag);
+    futures::stream::unfold((VecDeque::from(events), guard), |(mut q, g)| async move {
+        let (delay, data) = q.pop_front()?;
+        tokio::time::sleep(Duration::from_millis(delay)).await;
+        Some((Ok(data), (q, g)))
+    })
+    .boxed()
+}
+
+/// Upstream for retries: hands out scripted replies in order and records
+/// the bodies it was sent.
+#[derive(Default)]
+struct Replies {
+    next: Mutex<VecDeque<Vec<(u64, String)>>>,
+    bodies: Mutex<Vec<Value>>,
+}
+
+impl ChatUpstream for Replies {
+    fn open_stream(&self, body: Value) -> BoxFuture<'_, Result<DataStream, GatewayError>> {
+        if let Ok(mut b) = self.bodies.lock() {
+            b.push(body);
+        }
+        let next = self.next.lock().ok().and_then(|mut q| q.pop_front());
+        Box::pin(async move {
+            match next {
+                Some(ev) => Ok(scripted(ev, None)),
+                None => Err(GatewayError::UpstreamConnect(
+                    "no more scripted replies".into(),
+                )),
+            }
+        })
+    }
+    fn complete(&self, _body: Value) -> BoxFuture<'_, Result<Value, GatewayError>> {
+        Box::pin(async { Err(GatewayError::Internal("not used".into())) })
+    }
+}
+
+fn policy(mode: StreamMode, name: &str) -> Policy {
+    let dir = std::path::PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/policies"));
+    let m = crate::config::ModerationConfig {
+        enabled: true,
+        policy: name.into(),
+        policies_dir: dir,
+        header_policies: Default::default(),
+        max_concurrent_classifications: 4,
+    };
+    let mut p = (*PolicySet::load(&m)
+        .expect("policies")
+        .default_policy()
+        .expect("policy"))
+    .clone();
+    p.streaming = mode;
+    p
+}
+
+struct Outcome {
+    /// (ms since start, parsed data or "[DONE]")
+    frames: Vec<(u64, Value)>,
+    summary: StreamSummary,
+}
+
+impl Outcome {
+    fn texts(&self) -> Vec<(u64, String)> {
+        self.frames
+            .iter()
+            .filter_map(|(t, f)| {
+                f.pointer("/choices/0/delta/content")
+                    .and_then(Value::as_str)
+                    .map(|s| (*t, s.to_string()))
+            })
+            .collect()
+    }
+    fn text(&self) -> String {
+        self.texts().into_iter().map(|(_, s)| s).collect()
+    }
+    fn last_chunk(&self) -> &Value {
+        &self
+            .frames
+            .iter()
+            .rev()
+            .find(|(_, f)| f.get("moderation").is_some())
+            .expect("a chunk with the verdict")
+            .1
+    }
+    fn ends_with_done(&self) -> bool {
+        self.frames
+            .last()
+            .map(|(_, f)| f == "[DONE]")
+            .unwrap_or(false)
+    }
+}
+
+async fn run_with(
+    policy: Policy,
+    classifier: Arc<dyn Classifier>,
+    first: DataStream,
+    upstream: Arc<Replies>,
+    user: &str,
+) -> Outcome {
+    let body =
+        json!({"model": "m", "stream": true, "messages": [{"role": "user", "content": user}]});
+    let request = ChatRequest::parse(body.to_string().as_bytes()).expect("request");
+    let start = Instant::now();
+    let job = StreamJob {
+        moderator: Arc::new(Moderator::new(classifier, 4, Duration::from_millis(500))),
+        upstream,
+        sink: Arc::new(NoopSink),
+        mode: policy.streaming,
+        policy: Arc::new(policy),
+        request,
+        request_id: "req-1".into(),
+        deadline: start + Duration::from_secs(60),
+        started: start,
+        started_at: SystemTime::now(),
+        upstream_first_byte: None,
+        total_timeout: Duration::from_secs(60),
+    };
+    let (tx, mut rx) = mpsc::channel(16);
+    let handle = tokio::spawn(run(job, first, tx));
+    let mut frames = Vec::new();
+    let mut dec = crate::proxy::sse::SseDecoder::default();
+    while let Some(b) = rx.recv().await {
+        let t = start.elapsed().as_millis() as u64;
+        for ev in dec.feed(&b).expect("valid SSE from the gateway") {
+            let v = if ev.data == "[DONE]" {
+                json!("[DONE]")
+            } else {
+                serde_json::from_str(&ev.data).expect("JSON frame")
+            };
+            frames.push((t, v));
+        }
+    }
+    let summary = handle.await.expect("engine task");
+    Outcome { frames, summary }
+}
+
+async fn window(pieces: &[&str]) -> Outcome {
+    run_with(
+        policy(StreamMode::Window, "default"),
+        Arc::new(SlowKeyword),
+        scripted(reply(pieces), None),
+        Arc::new(Replies::default()),
+        "I can't sleep",
+    )
+    .await
+}
+
+#[test]
+fn ready_cut_finds_last_boundary_or_hold_limit() {
+    assert_eq!(ready_cut("Hi. How", 100), Some(3));
+    assert_eq!(ready_cut("你好。我在！听", 100), Some("你好。我在！".len()));
+    assert_eq!(ready_cut("no boundary yet", 100), None);
+    assert_eq!(ready_cut("abcdef", 4), Some(4));
+    assert_eq!(ready_cut("一二三四五", 3), Some("一二三".len()));
+    assert_eq!(ready_cut("abcd", 4), Some(4));
+    assert_eq!(ready_cut("line\nnext", 100), Some(5));
+}
+
+#[tokio::test(start_paused = true)]
+async fn window_releases_each_sentence_only_after_its_classification() {
+    let o = window(&["I hear you. ", "That sounds ", "really hard. ", "I'm here."]).await;
+    let texts = o.texts();
+    assert_eq!(o.text(), "I hear you. That sounds really hard. I'm here.");
+    // Sentence one arrives at 10 ms and takes 50 ms to classify.
+    assert_eq!(texts[0].1, "I hear you.");
+    assert!(
+        texts[0].0 >= 10 + CLASSIFY_MS,
+        "released at {} ms, before its classification",
+        texts[0].0
+    );
+    assert!(texts.len() >= 3, "streamed sentence by sentence: {texts:?}");
+    let last = o.last_chunk();
+    assert_eq!(last["moderation"]["action"], "allow");
+    assert_eq!(last["moderation"]["streaming"], "window");
+    assert_eq!(last["choices"][0]["finish_reason"], "stop");
+    assert_eq!(last["id"], "up-1");
+    assert!(o.ends_with_done());
+    assert_eq!(o.summary.outcome, ExchangeOutcome::Completed);
+}
+
+#[tokio::test(start_paused = true)]
+async fn window_never_releases_a_flagged_sentence() {
+    let o = window(&[
+        "I hear you. ",
+        "You are an idi",
+        "ot for feeling this. ",
+        "More text.",
+    ])
+    .await;
+    let text = o.text();
+    assert!(text.starts_with("I hear you."), "{text}");
+    assert!(
+        !text.to_lowercase().contains("idi"),
+        "flagged text leaked: {text}"
+    );
+    assert!(
+        !text.contains("More text"),
+        "text after the flag leaked: {text}"
+    );
+    let p = policy(StreamMode::Window, "default");
+    assert!(text.ends_with(&p.block_reply.en), "{text}");
+    let last = o.last_chunk();
+    assert_eq!(last["choices"][0]["finish_reason"], "content_filter");
+    assert_eq!(last["moderation"]["action"], "block");
+    assert_eq!(last["moderation"]["category"], "toxic_language");
+    assert!(o.ends_with_done());
+}
+
+#[tokio::test(start_paused = true)]
+async fn window_retries_while_nothing_was_released() {
+    let upstream = Arc::new(Replies::default());
+    if let Ok(mut q) = upstream.next.lock() {
+        q.push_back(reply(&["I am listening, ", "tell me more."]));
+    }
+    let o = run_with(
+        policy(StreamMode::Window, "default"),
+        Arc::new(SlowKeyword),
+        scripted(reply(&["Lorem ipsum dolor sit amet. ", "Blah."]), None),
+        upstream.clone(),
+        "hello",
+    )
+    .await;
+    assert_eq!(o.text(), "I am listening, tell me more.");
+    let v = &o.last_chunk()["moderation"];
+    assert_eq!(v["action"], "retry");
+    assert_eq!(v["category"], "nonsense");
+    assert_eq!(v["retries"], 1);
+    let bodies = upstream.bodies.lock().expect("bodies").clone();
+    assert_eq!(bodies.len(), 1);
+    let msgs = bodies[0]["messages"].as_array().expect("messages");
+    assert_eq!(
+        msgs.last().map(|m| m["role"].clone()),
+        Some(json!("system"))
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn retry_after_release_falls_back_to_replace() {
+    let o = window(&["That sounds hard. ", "Lorem ipsum dolor. ", "Tail."]).await;
+    let text = o.text();
+    let p = policy(StreamMode::Window, "default");
+    assert_eq!(text, format!("That sounds hard.\n\n{}", p.safe_reply.en));
+    assert_eq!(o.last_chunk()["moderation"]["action"], "replace");
+    assert_eq!(o.last_chunk()["choices"][0]["finish_reason"], "stop");
+}
+
+#[tokio::test(start_paused = true)]
+async fn append_adds_the_note_at_the_end() {
+    let o = window(&["I'm a real person, ", "so I get it. ", "Rest well."]).await;
+    let p = policy(StreamMode::Window, "default");
+    let note = p
+        .append_text(
+            crate::classifier::Category::HumanoidMimicry,
+            crate::policy::Lang::En,
+        )
+        .expect("note");
+    assert_eq!(
+        o.text(),
+        format!("I'm a real person, so I get it. Rest well.\n\n{note}")
+    );
+    assert_eq!(o.last_chunk()["moderation"]["action"], "append");
+}
+
+#[tokio::test(start_paused = true)]
+async fn chinese_request_gets_chinese_safe_reply() {
+    let o = run_with(
+        policy(StreamMode::Window, "default"),
+        Arc::new(SlowKeyword),
+        scripted(reply(&["你就是个废物。"]), None),
+        Arc::new(Replies::default()),
+        "我很难过",
+    )
+    .await;
+    let p = policy(StreamMode::Window, "default");
+    assert_eq!(o.text(), p.block_reply.zh);
+}
+
+#[tokio::test(start_paused = true)]
+async fn long_text_without_boundaries_is_released_at_the_hold_limit() {
+    let mut p = policy(StreamMode::Window, "default");
+    p.max_hold_chars = 10;
+    let o = run_with(
+        p,
+        Arc::new(SlowKeyword),
+        scripted(reply(&["abcdefghij", "klmnopqrst", "uvw"]), None),
+        Arc::new(Replies::default()),
+        "hi",
+    )
+    .await;
+    let texts: Vec<String> = o.texts().into_iter().map(|(_, s)| s).collect();
+    assert_eq!(texts, vec!["abcdefghij", "klmnopqrst", "uvw"]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn buffer_mode_holds_everything_until_the_end() {
+    let o = run_with(
+        policy(StreamMode::Buffer, "default"),
+        Arc::new(SlowKeyword),
+        scripted(reply(&["One. ", "Two. ", "Three."]), None),
+        Arc::new(Replies::default()),
+        "hi",
+    )
+    .await;
+    let texts = o.texts();
+    assert_eq!(texts.len(), 1, "{texts:?}");
+    assert_eq!(texts[0].1, "One. Two. Three.");
+    // Last piece at 30 ms, finish at 40 ms, then one classification.
+    assert!(texts[0].0 >= 40 + CLASSIFY_MS);
+    assert_eq!(o.last_chunk()["moderation"]["classifications"], 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn observe_passes_through_and_annotates() {
+    let o = run_with(
+        policy(StreamMode::Observe, "default"),
+        Arc::new(SlowKeyword),
+        scripted(reply(&["You idiot. ", "Bye."]), None),
+        Arc::new(Replies::default()),
+        "hi",
+    )
+    .await;
+    assert_eq!(o.text(), "You idiot. Bye.");
+    // Passed through as it came, before any classification finished.
+    assert!(o.texts()[0].0 < CLASSIFY_MS);
+    let v = &o.last_chunk()["moderation"];
+    assert_eq!(v["action"], "annotate");
+    assert_eq!(v["mode"], "shadow");
+    assert_eq!(v["shadow"][0]["action"], "block");
+    assert!(o.ends_with_done());
+}
+
+#[tokio::test(start_paused = true)]
+async fn classifier_timeout_fails_open_under_default() {
+    let o = window(&["Fine. ", "[[classifier-hang]] still fine."]).await;
+    assert_eq!(o.text(), "Fine. [[classifier-hang]] still fine.");
+    let v = &o.last_chunk()["moderation"];
+    assert!(
+        v["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("timed out"),
+        "{v}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn classifier_error_fails_closed_under_strict() {
+    let o = run_with(
+        policy(StreamMode::Window, "strict"),
+        Arc::new(SlowKeyword),
+        scripted(reply(&["Fine. ", "[[classifier-error]] more."]), None),
+        Arc::new(Replies::default()),
+        "hi",
+    )
+    .await;
+    let p = policy(StreamMode::Window, "strict");
+    assert_eq!(o.text(), format!("Fine.\n\n{}", p.safe_reply.en));
+    assert_eq!(o.last_chunk()["moderation"]["action"], "replace");
+}
+
+#[tokio::test(start_paused = true)]
+async fn stream_cut_midway_withholds_unclassified_text_and_reports_an_error() {
+    let events = vec![
+        (0, role_chunk()),
+        (10, chunk("Checked sentence. ")),
+        (10, chunk("unchecked tail")),
+    ];
+    let o = run_with(
+        policy(StreamMode::Window, "default"),
+        Arc::new(SlowKeyword),
+        scripted(events, None),
+        Arc::new(Replies::default()),
+        "hi",
+    )
+    .await;
+    assert_eq!(o.text(), "Checked sentence.");
+    let last = &o.frames.last().expect("frames").1;
+    assert_eq!(last["error"]["code"], "upstream_protocol_error");
+    assert!(!o.ends_with_done());
+    assert_eq!(o.summary.outcome, ExchangeOutcome::UpstreamFailed);
+}
+
+#[tokio::test(start_paused = true)]
+async fn malformed_chunk_is_an_error_event() {
+    let events = vec![(0, role_chunk()), (10, "{not json".to_string())];
+    let o = run_with(
+        policy(StreamMode::Window, "default"),
+        Arc::new(SlowKeyword),
+        scripted(events, None),
+        Arc::new(Replies::default()),
+        "hi",
+    )
+    .await;
+    let last = &o.frames.last().expect("frames").1;
+    assert!(last["error"]["message"]
+        .as_str()
+        .unwrap_or_default()
+        .contains("not a JSON chunk"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn client_disconnect_drops_the_upstream_stream() {
+    let dropped = Arc::new(AtomicBool::new(false));
+    let mut events = vec![(0, role_chunk())];
+    for _ in 0..100 {
+        events.push((100, chunk("More words. ")));
+    }
+    let body =
+        json!({"model": "m", "stream": true, "messages": [{"role": "user", "content": "hi"}]});
+    let request = ChatRequest::parse(body.to_string().as_bytes()).expect("request");
+    let start = Instant::now();
+    let p = policy(StreamMode::Window, "default");
+    let job = StreamJob {
+        moderator: Arc::new(Moderator::new(
+            Arc::new(SlowKeyword),
+            4,
+            Duration::from_millis(500),
+        )),
+        upstream: Arc::new(Replies::default()),
+        sink: Arc::new(NoopSink),
+        mode: p.streaming,
+        policy: Arc::new(p),
+        request,
+        request_id: "req-2".into(),
+        deadline: start + Duration::from_secs(600),
+        started: start,
+        started_at: SystemTime::now(),
+        upstream_first_byte: None,
+        total_timeout: Duration::from_secs(600),
+    };
+    let (tx, mut rx) = mpsc::channel(16);
+    let handle = tokio::spawn(run(job, scripted(events, Some(dropped.clone())), tx));
+    // Read until the first text, then hang up.
+    while let Some(b) = rx.recv().await {
+        if String::from_utf8_lossy(&b).contains("More words") {
+            break;
+        }
+    }
+    drop(rx);
+    let summary = handle.await.expect("engine task");
+    assert_eq!(summary.outcome, ExchangeOutcome::ClientDisconnected);
+    assert!(
+        dropped.load(Ordering::SeqCst),
+        "upstream stream was not dropped"
+    );
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "engine kept reading after the client left"
+    );
+}

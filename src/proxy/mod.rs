@@ -1,0 +1,84 @@
+//! The HTTP side: listener, routing, upstream client, SSE framing, bodies.
+//!
+//! Invariant: only `proxy` touches hyper and rustls. Handlers stay thin:
+//! they read the request, pick the policy snapshot, and hand plain values to
+//! `moderation`; every error becomes a response in one place
+//! ([`body::error_response`]).
+
+pub mod body;
+mod handlers;
+pub mod server;
+pub mod sse;
+pub mod upstream;
+
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+
+use crate::classifier::Classifier;
+use crate::config::{Config, ConfigError};
+use crate::error::GatewayError;
+use crate::moderation::{ExchangeSink, Moderator};
+use crate::policy::PolicySet;
+
+pub use handlers::handle;
+pub use server::{bind, serve};
+
+/// Everything a request needs, shared by all connections.
+pub struct AppState {
+    pub config: Arc<Config>,
+    /// Swapped whole on SIGHUP; a request loads it once and keeps its policy
+    /// for its whole life, so reloads never change an in-flight stream.
+    pub policies: ArcSwap<PolicySet>,
+    pub moderator: Arc<Moderator>,
+    pub upstream: Arc<upstream::UpstreamClient>,
+    /// Receives every moderated exchange (the audit log plugs in here).
+    pub sink: Arc<dyn ExchangeSink>,
+}
+
+impl AppState {
+    /// Build the shared state from a validated configuration, its policies,
+    /// a classifier (see [`crate::classifier::build`]) and an exchange sink
+    /// ([`crate::moderation::NoopSink`] when nothing records exchanges).
+    pub fn new(
+        config: Config,
+        policies: PolicySet,
+        classifier: Arc<dyn Classifier>,
+        sink: Arc<dyn ExchangeSink>,
+    ) -> Result<Arc<AppState>, GatewayError> {
+        let upstream = Arc::new(upstream::UpstreamClient::new(&config.upstream)?);
+        let sink: Arc<dyn ExchangeSink> = if config.logging.log_conversation_text {
+            Arc::new(crate::moderation::sink::ConversationLogSink(sink))
+        } else {
+            sink
+        };
+        let moderator = Arc::new(Moderator::new(
+            classifier,
+            config.moderation.max_concurrent_classifications,
+            config.classifier.timeout,
+        ));
+        Ok(Arc::new(AppState {
+            config: Arc::new(config),
+            policies: ArcSwap::from_pointee(policies),
+            moderator,
+            upstream,
+            sink,
+        }))
+    }
+
+    /// Re-read the policies folder and swap the new set in if it is valid;
+    /// otherwise keep the current one and return why.
+    pub fn reload_policies(&self) -> Result<Vec<String>, ConfigError> {
+        let set = PolicySet::load(&self.config.moderation)?;
+        let names = set.names();
+        self.policies.store(Arc::new(set));
+        Ok(names)
+    }
+
+    /// Ready to serve chat: upstream configured and, when moderation is on,
+    /// the classifier loaded.
+    pub fn is_ready(&self) -> bool {
+        self.upstream.is_configured()
+            && (!self.config.moderation.enabled || self.moderator.classifier().is_ready())
+    }
+}

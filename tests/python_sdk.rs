@@ -1,0 +1,82 @@
+//! The official Python `openai` package against the real binary: streaming
+//! and non-streaming in every mode, remedies, retry, errors, moderations.
+
+mod common;
+
+use std::process::Command;
+
+use common::*;
+use serde_json::Value;
+
+const SAFE: &[&str] = &[
+    "I hear you. ",
+    "That sounds ",
+    "really hard. ",
+    "I'm here with you.",
+];
+
+fn python_has_openai() -> bool {
+    Command::new("python3")
+        .args(["-c", "import openai"])
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
+
+#[tokio::test]
+async fn python_openai_sdk_streams_and_parses_in_every_mode() {
+    assert!(
+        python_has_openai(),
+        "the Python package `openai` is missing: run `bash scripts/setup.sh` (installs tests/requirements.txt)"
+    );
+    let mock = MockUpstream::start(|body: &Value, _| {
+        let steered = body["messages"]
+            .as_array()
+            .and_then(|m| m.last())
+            .is_some_and(|m| {
+                m["role"] == "system"
+                    && m["content"].as_str().unwrap_or("").contains("safety check")
+            });
+        let user = last_user(body);
+        if steered {
+            MockReply::pieces(SAFE)
+        } else if user.contains("toxic") {
+            MockReply::pieces(&["You sound ", "pathetic. ", "Stop it."])
+        } else if user.contains("nonsense") {
+            MockReply::pieces(&["Lorem ipsum ", "dolor sit amet."])
+        } else if user.contains("cut") {
+            MockReply::Text {
+                pieces: vec!["Checked. ".into(), "unchecked".into()],
+                delay: std::time::Duration::from_millis(5),
+                end: StreamEnd::Cut,
+            }
+        } else if user.contains("error500") {
+            MockReply::error(500, "provider exploded")
+        } else {
+            MockReply::pieces(SAFE)
+        }
+    })
+    .await;
+    let gw = Gateway::start(GatewayOptions::new(Some(mock.base_url())));
+    let script = repo_path("tests/python/sdk_client.py");
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new("python3")
+            .arg(script)
+            .env("CAREWALL_BASE_URL", format!("http://{}/v1", gw.addr))
+            .env("PYTHONUNBUFFERED", "1")
+            .output()
+            .map(|o| (o, gw))
+    })
+    .await
+    .expect("join")
+    .expect("run python3");
+    let (out, gw) = out;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "python SDK checks failed\nstdout:\n{stdout}\nstderr:\n{stderr}\ngateway log:\n{}",
+        gw.logs()
+    );
+    assert!(stdout.contains("python openai checks passed"), "{stdout}");
+}
