@@ -18,6 +18,8 @@ pub struct ChatRequest {
     /// Language of the last user message (picks safe-reply texts).
     pub lang: Lang,
     pub model: Option<String>,
+    /// OpenAI's `user` field (an end-user id), if the client sent one.
+    pub user: Option<String>,
 }
 
 /// Text of a message's `content`: a string, or the `text` parts of an array.
@@ -122,6 +124,7 @@ impl ChatRequest {
             context: build_context(messages),
             lang: Lang::detect(&last_user),
             model: obj.get("model").and_then(Value::as_str).map(str::to_string),
+            user: obj.get("user").and_then(Value::as_str).map(str::to_string),
             stream,
             body,
         })

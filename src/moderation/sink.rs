@@ -38,6 +38,11 @@ pub struct ExchangeRecord {
     pub outcome: ExchangeOutcome,
     /// The request's `model` field.
     pub model: Option<String>,
+    /// The request's `user` (end-user id) field, raw: hash it before storing.
+    pub user: Option<String>,
+    /// Threshold of the policy rule for `verdict.category` (`None` for
+    /// `safe_response`).
+    pub threshold: Option<f32>,
     pub stream: bool,
     /// Benchmark-format context (`[seeker]...[supporter]...`).
     pub context: String,

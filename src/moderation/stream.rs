@@ -294,6 +294,8 @@ pub async fn run(job: StreamJob, first: DataStream, tx: mpsc::Sender<Bytes>) -> 
         verdict: verdict.clone(),
         outcome,
         model: job.request.model.clone(),
+        user: job.request.user.clone(),
+        threshold: job.policy.rules.get(&verdict.category).map(|r| r.threshold),
         stream: true,
         context: job.request.context.clone(),
         upstream_text: std::mem::take(&mut run.upstream_text),
