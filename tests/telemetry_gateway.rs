@@ -292,3 +292,57 @@ async fn client_cancel_is_one_access_line_with_499() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// `carewall mock-upstream` (the compose stack's provider) serves the
+/// gateway: a safe question streams through, an unsafe reply is replaced.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mock_upstream_subcommand_serves_the_gateway() -> anyhow::Result<()> {
+    use std::io::{BufRead, BufReader};
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut cmd = carewall_command();
+    cmd.args([
+        "mock-upstream",
+        "--listen",
+        "127.0.0.1:0",
+        "--piece-delay-ms",
+        "1",
+    ])
+    .stdout(std::process::Stdio::piped())
+    .stderr(std::process::Stdio::null());
+    let mut child = Kill(cmd.spawn()?);
+    let stdout = child
+        .0
+        .stdout
+        .take()
+        .ok_or_else(|| anyhow::anyhow!("no stdout"))?;
+    let line = tokio::task::spawn_blocking(move || {
+        BufReader::new(stdout).lines().map_while(Result::ok).next()
+    })
+    .await?
+    .unwrap_or_default();
+    let base = line
+        .strip_prefix("carewall mock upstream listening on ")
+        .ok_or_else(|| anyhow::anyhow!("unexpected first line: {line}"))?
+        .trim()
+        .to_string();
+    let gw = Gateway::start(GatewayOptions::new(Some(base)));
+    let resp = reqwest::Client::new()
+        .post(gw.url("/v1/chat/completions"))
+        .json(&chat_body("Be honest, am I being rude?", true))
+        .send()
+        .await?;
+    assert_eq!(resp.status(), 200);
+    let body = resp.text().await?;
+    let last = sse_verdict(&body).ok_or_else(|| anyhow::anyhow!("no verdict: {body}"))?;
+    let verdict = &last["moderation"];
+    assert_eq!(verdict["category"], "toxic_language", "{verdict}");
+    assert_ne!(verdict["action"], "allow", "{verdict}");
+    drop(child);
+    Ok(())
+}
