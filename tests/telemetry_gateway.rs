@@ -217,6 +217,21 @@ async fn flagged_stream_is_one_trace_and_moves_metrics_without_conversation_text
         "upstream traceparent does not name an upstream span: {tp}"
     );
 
+    // Metrics also went out over OTLP (pushed at shutdown at the latest).
+    receiver
+        .wait_until(WAIT, |r| {
+            r.points().iter().any(|p| {
+                p.metric == "carewall.responses"
+                    && p.attributes.get("category").and_then(otlp::Attr::as_str)
+                        == Some("toxic_language")
+            })
+        })
+        .await?;
+    assert!(receiver
+        .points()
+        .iter()
+        .any(|p| p.metric == "carewall.added_time_to_first_token" && p.value >= 1.0));
+
     // (c) no conversation text in spans or logs.
     for s in &spans {
         let dump = format!("{:?} {:?}", s.name, s.attributes);

@@ -176,7 +176,7 @@ impl Metrics {
             responses: meter
                 .u64_counter("carewall.responses")
                 .with_description(
-                    "Moderated responses by deciding category, action taken and mode (enforce/shadow)",
+                    "Moderated responses by deciding category, action taken and mode (enforce/shadow, none when nothing was flagged)",
                 )
                 .build(),
             classifier_latency: seconds(
@@ -236,7 +236,7 @@ impl Metrics {
 
     /// One moderated response and its verdict: the category that decided it
     /// (`safe_response` for clean ones), the action (`allow`, `annotate`,
-    /// `append`, `replace`, `retry`, `block`) and `enforce` or `shadow`.
+    /// `append`, `replace`, `retry`, `block`) and `enforce`, `shadow` or `none` (nothing flagged).
     pub fn record_response(&self, category: Category, action: &'static str, mode: &'static str) {
         self.inner.responses.add(
             1,
