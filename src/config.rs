@@ -27,7 +27,14 @@ use crate::classifier::{ClassifierKind, ClassifierSettings};
 pub const DEFAULT_CONFIG_PATH: &str = "config/carewall.toml";
 
 /// Top-level sections this build knows. Anything else is rejected.
-pub const SECTIONS: &[&str] = &["server", "upstream", "moderation", "classifier", "logging"];
+pub const SECTIONS: &[&str] = &[
+    "server",
+    "upstream",
+    "moderation",
+    "classifier",
+    "logging",
+    "telemetry",
+];
 
 /// Everything that was wrong with a configuration, one line per problem,
 /// each starting with the key it is about.
@@ -43,6 +50,8 @@ pub struct Config {
     pub moderation: ModerationConfig,
     pub classifier: ClassifierSettings,
     pub logging: LoggingConfig,
+    /// `[telemetry]`: OTLP export and `/metrics` (see `crate::telemetry`).
+    pub telemetry: crate::telemetry::TelemetrySettings,
 }
 
 /// `[server]`.
@@ -305,12 +314,18 @@ impl Config {
         let moderation: RawModeration = section(&mut top, "moderation", &mut errors);
         let classifier: RawClassifier = section(&mut top, "classifier", &mut errors);
         let logging: RawLogging = section(&mut top, "logging", &mut errors);
+        let telemetry: crate::telemetry::RawTelemetrySettings =
+            section(&mut top, "telemetry", &mut errors);
 
         let server = validate_server(server, &mut errors);
         let upstream = validate_upstream(upstream, &env, &mut errors);
         let moderation = validate_moderation(moderation, &mut errors);
         let classifier = validate_classifier(classifier, &mut errors);
         let logging = validate_logging(logging, &mut errors);
+        let telemetry = telemetry.validate().unwrap_or_else(|es| {
+            errors.extend(es.iter().map(ToString::to_string));
+            crate::telemetry::TelemetrySettings::default()
+        });
 
         Ok((
             Config {
@@ -319,6 +334,7 @@ impl Config {
                 moderation,
                 classifier,
                 logging,
+                telemetry,
             },
             errors,
         ))
@@ -607,6 +623,35 @@ mod tests {
             Ok(_) => panic!("expected errors for {toml:?}"),
             Err(e) => e.0,
         }
+    }
+
+    #[test]
+    fn telemetry_section_mounts_with_env_and_keyed_errors() {
+        let c = load("", &[]).expect("defaults");
+        assert_eq!(c.telemetry.otlp_endpoint, None);
+        let c = load(
+            "[telemetry]\nsample_ratio = 0.5\n",
+            &[
+                (
+                    "CAREWALL__TELEMETRY__OTLP_ENDPOINT",
+                    "http://collector.example:4318",
+                ),
+                ("CAREWALL__TELEMETRY__PROMETHEUS", "false"),
+            ],
+        )
+        .expect("valid");
+        assert_eq!(
+            c.telemetry.otlp_endpoint.as_deref(),
+            Some("http://collector.example:4318")
+        );
+        assert_eq!(c.telemetry.sample_ratio, 0.5);
+        assert!(!c.telemetry.prometheus);
+        let errs = errors_of(
+            "[telemetry]\nsample_ratio = 1.7\nexport_intervl_secs = 1\n",
+            &[],
+        );
+        assert!(errs.iter().any(|e| e.starts_with("telemetry.")), "{errs:?}");
+        assert!(errs.iter().all(|e| e.starts_with("telemetry")), "{errs:?}");
     }
 
     #[test]

@@ -1,37 +1,40 @@
-//! Log set-up: one function, so telemetry (OpenTelemetry layers) can be
-//! added in one place later.
+//! Log and telemetry set-up: the one init path for every subcommand that
+//! logs (`serve`, `demo`). It maps the gateway's `[logging]` section onto
+//! [`crate::telemetry::LoggingOptions`] and installs the subscriber that
+//! writes log lines to stderr and, when `telemetry.otlp_endpoint` is set,
+//! exports spans. `classify` and `eval` never call it, so their stdout stays
+//! machine-readable.
 
-use tracing_subscriber::layer::SubscriberExt;
-use tracing_subscriber::util::SubscriberInitExt;
-use tracing_subscriber::EnvFilter;
+use crate::config::{Config, LogFormat, LoggingConfig};
+use crate::telemetry::{self, LoggingOptions, TelemetryGuard};
 
-use crate::config::{LogFormat, LoggingConfig};
+/// `[logging]` as the telemetry module takes it.
+pub fn options(cfg: &LoggingConfig) -> LoggingOptions {
+    LoggingOptions {
+        format: match cfg.format {
+            LogFormat::Json => telemetry::LogFormat::Json,
+            LogFormat::Pretty => telemetry::LogFormat::Pretty,
+        },
+        level: cfg.level.clone(),
+        log_conversation_text: cfg.log_conversation_text,
+    }
+}
 
-/// Install the global subscriber: JSON or pretty lines on stderr, filtered
-/// by `logging.level` (`RUST_LOG` overrides it when set). Conversation text
-/// never reaches a log line unless `logging.log_conversation_text` is set;
-/// the code checks that flag wherever text could be logged.
-pub fn init(cfg: &LoggingConfig) -> anyhow::Result<()> {
-    let filter = match std::env::var("RUST_LOG") {
-        Ok(v) if !v.trim().is_empty() => EnvFilter::try_new(v)?,
-        _ => EnvFilter::try_new(&cfg.level)?,
-    };
-    let registry = tracing_subscriber::registry().with(filter);
-    let result = match cfg.format {
-        LogFormat::Json => registry
-            .with(
-                tracing_subscriber::fmt::layer()
-                    .json()
-                    .with_current_span(false)
-                    .with_span_list(false)
-                    .with_writer(std::io::stderr),
-            )
-            .try_init(),
-        LogFormat::Pretty => registry
-            .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
-            .try_init(),
-    };
-    // A second init (tests, demo inside a process that already logs) is fine.
-    let _ = result;
-    Ok(())
+/// Install the global subscriber and exporters for `config`. Keep the guard
+/// alive while serving and call [`TelemetryGuard::shutdown`] last, after
+/// in-flight requests drained, so buffered spans and metrics are sent.
+pub fn init(config: &Config) -> anyhow::Result<TelemetryGuard> {
+    Ok(telemetry::init(
+        &config.telemetry,
+        &options(&config.logging),
+    )?)
+}
+
+/// Flush telemetry at the end of a serving subcommand. Failures (collector
+/// gone) are reported on stderr and do not fail the command: the requests
+/// were served.
+pub fn shutdown(guard: TelemetryGuard) {
+    if let Err(e) = guard.shutdown() {
+        eprintln!("carewall: {e}");
+    }
 }

@@ -749,8 +749,10 @@ async fn access_log_has_one_line_per_request_and_no_conversation_text() {
     }
     let line = line.expect("access log line");
     let v: Value = serde_json::from_str(&line).expect("JSON log line");
-    assert_eq!(v["fields"]["status"], 200);
-    assert_eq!(v["fields"]["action"], "allow");
+    // Telemetry's JSON lines carry the event's fields at the top level.
+    assert_eq!(v["status"], 200);
+    assert_eq!(v["action"], "allow");
+    assert_eq!(v["request_id"], rid.as_str());
     let logs = gw.logs();
     assert!(
         !logs.contains("private question") && !logs.contains("Secret reply"),

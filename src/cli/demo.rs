@@ -59,16 +59,19 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
             config.classifier.model_dir.display()
         );
     }
-    crate::logging::init(&config.logging)?;
+    let telemetry = crate::logging::init(&config)?;
     let classifier = args.classifier.clone();
-    super::serve::serve(
+    let served = super::serve::serve(
         config,
         policies,
         Arc::new(NoopSink),
         super::serve::shutdown_signal(),
         move |addr| print_instructions(addr, upstream, &classifier),
     )
-    .await
+    .await;
+    // The flush blocks (HTTP export), so off the async workers.
+    let _ = tokio::task::spawn_blocking(move || crate::logging::shutdown(telemetry)).await;
+    served
 }
 
 fn print_instructions(addr: SocketAddr, upstream: SocketAddr, classifier: &str) {

@@ -1,4 +1,5 @@
-//! Command line: `serve`, `check-config`, `classify`, `demo`, `eval`, `audit`.
+//! Command line: `serve`, `check-config`, `classify`, `demo`, `eval`, `audit`,
+//! `mock-upstream`.
 //! Each subcommand's arguments and body live in a file of their own.
 
 use std::process::ExitCode;
@@ -10,6 +11,7 @@ pub mod check_config;
 pub mod classify;
 pub mod demo;
 pub mod eval;
+pub mod mock_upstream;
 pub mod serve;
 
 #[derive(Debug, Parser)]
@@ -39,6 +41,9 @@ pub enum Command {
     /// Classify JSONL `{"context", "response"}` lines from stdin; one JSONL
     /// verdict per line on stdout.
     Classify(classify::ClassifyArgs),
+    /// Serve the demo's scripted OpenAI-compatible upstream on its own
+    /// (replayed supporter replies, some deliberately unsafe).
+    MockUpstream(mock_upstream::MockUpstreamArgs),
 }
 
 /// Parse the command line and run the chosen subcommand.
@@ -51,6 +56,7 @@ pub fn main() -> ExitCode {
         Command::Eval(args) => eval::run(args),
         Command::Audit(args) => audit::run(args),
         Command::Classify(args) => classify::run(args),
+        Command::MockUpstream(args) => mock_upstream::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -21,18 +21,23 @@ pub struct ServeArgs {
 
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let (config, policies) = Config::load_all(&Config::sources(args.config.as_deref()))?;
-    crate::logging::init(&config.logging)?;
+    let telemetry = crate::logging::init(&config)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    rt.block_on(serve(
+    let served = rt.block_on(serve(
         config,
         policies,
         Arc::new(NoopSink),
         shutdown_signal(),
         |_| {},
-    ))
+    ));
+    // Last in the shutdown sequence: in-flight requests have drained, so
+    // their spans and metrics are all buffered. Blocking, hence outside
+    // the runtime.
+    crate::logging::shutdown(telemetry);
+    served
 }
 
 /// Stands in when moderation is off and no classifier could be built, so a

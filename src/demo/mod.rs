@@ -128,7 +128,15 @@ pub fn sample_question() -> String {
 /// `piece_delay`. Returns the bound address; the server runs until the
 /// runtime stops.
 pub async fn start_replay(piece_delay: Duration) -> std::io::Result<SocketAddr> {
-    let listener = TcpListener::bind(("127.0.0.1", 0)).await?;
+    start_replay_on(SocketAddr::from(([127, 0, 0, 1], 0)), piece_delay).await
+}
+
+/// [`start_replay`] on a chosen address (`carewall mock-upstream --listen`).
+pub async fn start_replay_on(
+    listen: SocketAddr,
+    piece_delay: Duration,
+) -> std::io::Result<SocketAddr> {
+    let listener = TcpListener::bind(listen).await?;
     let addr = listener.local_addr()?;
     tokio::spawn(async move {
         loop {

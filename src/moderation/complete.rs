@@ -12,8 +12,9 @@ use super::sink::{ExchangeOutcome, ExchangeRecord, ExchangeSink, Timings};
 use super::verdict::{
     appendix, remedy_finish_reason, remedy_text, Gate, Tally, Verdict, VerdictMeta,
 };
-use super::{ChatUpstream, Moderator};
+use super::{mode_key, ChatUpstream, Moderator};
 use crate::policy::{Action, PolicyRef};
+use crate::telemetry::RequestProbe;
 
 /// Everything one non-streaming exchange needs.
 pub struct CompleteJob {
@@ -27,6 +28,8 @@ pub struct CompleteJob {
     pub started: Instant,
     pub started_at: SystemTime,
     pub upstream_first_byte: Option<Duration>,
+    /// The request's telemetry; [`RequestProbe::none`] in tests.
+    pub probe: RequestProbe,
 }
 
 /// The reply text of a completion (`choices[0].message.content`), if any.
@@ -63,6 +66,7 @@ pub async fn run(job: CompleteJob, first: Value) -> (Value, Verdict) {
     let mut resp = first;
     let mut upstream_text;
     let delivered;
+    let mut retrying = false;
     loop {
         upstream_text = reply_of(&resp).unwrap_or_default();
         if upstream_text.is_empty() {
@@ -70,6 +74,9 @@ pub async fn run(job: CompleteJob, first: Value) -> (Value, Verdict) {
             delivered = String::new();
             break;
         }
+        let span = job
+            .probe
+            .classification(if retrying { "retry" } else { "final" });
         let gate = match job
             .moderator
             .classify(&job.request.context, &response_text(&upstream_text))
@@ -78,10 +85,14 @@ pub async fn run(job: CompleteJob, first: Value) -> (Value, Verdict) {
             Ok(c) => {
                 classify_total += c.elapsed;
                 let d = job.policy.decide(&c.scores);
+                super::observe_decision(&job.probe, span, &job.policy.name, &d, &c);
                 tally.gate(&job.policy, &d, c.scores, false, false)
             }
             Err((e, elapsed)) => {
                 classify_total += elapsed;
+                if let Some(span) = span {
+                    span.failed(super::error_kind(&e));
+                }
                 tally.gate_error(&job.policy, &e, false)
             }
         };
@@ -97,6 +108,7 @@ pub async fn run(job: CompleteJob, first: Value) -> (Value, Verdict) {
             }
             Gate::Retry(c) => {
                 tally.start_retry(&c);
+                retrying = true;
                 let body = job
                     .request
                     .retry_body(job.policy.retry_system_message.as_deref());
@@ -133,6 +145,12 @@ pub async fn run(job: CompleteJob, first: Value) -> (Value, Verdict) {
         }
     }
     let verdict = tally.verdict(&meta);
+    job.probe.set_verdict(
+        verdict.category,
+        verdict.action.key(),
+        mode_key(verdict.mode),
+        &verdict.policy,
+    );
     if let Value::Object(m) = &mut resp {
         m.insert("moderation".into(), verdict.to_json());
     }

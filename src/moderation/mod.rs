@@ -26,6 +26,8 @@ use tokio::sync::Semaphore;
 
 use crate::classifier::{Classifier, ClassifyError, Pair, Scores};
 use crate::error::GatewayError;
+use crate::policy::{Decision, Mode};
+use crate::telemetry::{Classification, RequestProbe};
 
 pub use sink::{ExchangeOutcome, ExchangeRecord, ExchangeSink, NoopSink, Timings};
 pub use verdict::Verdict;
@@ -121,5 +123,53 @@ impl Moderator {
             Ok(Err(e)) => Err((e, started.elapsed())),
             Err(_) => Err((ClassifyError::Timeout { ms }, started.elapsed())),
         }
+    }
+}
+
+/// The `mode` label of a verdict: `enforce`, `shadow`, or `none` when
+/// nothing was flagged.
+pub fn mode_key(mode: Option<Mode>) -> &'static str {
+    match mode {
+        Some(Mode::Enforce) => "enforce",
+        Some(Mode::Shadow) => "shadow",
+        None => "none",
+    }
+}
+
+/// Low-cardinality kind of a classifier failure, for spans and metrics.
+pub fn error_kind(e: &ClassifyError) -> &'static str {
+    match e {
+        ClassifyError::Overloaded { .. } => "overloaded",
+        ClassifyError::Timeout { .. } => "timeout",
+        ClassifyError::Backend(_) => "error",
+        ClassifyError::Unavailable => "unavailable",
+    }
+}
+
+/// Close a classification's span with its result and record the policy's
+/// decision on it (a `carewall.decision` span).
+fn observe_decision(
+    probe: &RequestProbe,
+    span: Option<Classification>,
+    policy: &str,
+    d: &Decision,
+    c: &Classified,
+) {
+    if let Some(span) = span {
+        span.done(d.top, c.scores.get(d.top));
+    }
+    let (category, score, action, mode) = match d.applied.or_else(|| d.shadow.first().copied()) {
+        Some(x) => (x.category, x.score, x.action.key(), mode_key(Some(x.mode))),
+        None => (d.top, c.scores.get(d.top), d.action().key(), mode_key(None)),
+    };
+    probe.decision(policy, category, score, action, mode);
+}
+
+/// Provider token usage (`{"prompt_tokens", "completion_tokens"}`) onto the
+/// request's spans.
+pub fn observe_usage(probe: &RequestProbe, usage: &serde_json::Value) {
+    let n = |k: &str| usage.get(k).and_then(serde_json::Value::as_u64);
+    if let (Some(input), Some(output)) = (n("prompt_tokens"), n("completion_tokens")) {
+        probe.set_usage(input, output);
     }
 }

@@ -41,11 +41,12 @@ use super::sink::{ExchangeOutcome, ExchangeRecord, ExchangeSink, Timings};
 use super::verdict::{
     appendix, remedy_finish_reason, remedy_text, Gate, Tally, Verdict, VerdictMeta,
 };
-use super::{ChatUpstream, DataStream, Moderator};
+use super::{mode_key, ChatUpstream, DataStream, Moderator};
 use crate::classifier::Category;
 use crate::error::GatewayError;
 use crate::policy::{Action, Candidate, PolicyRef, StreamMode};
 use crate::proxy::sse;
+use crate::telemetry::RequestProbe;
 
 /// Characters after which held text may be released in window mode.
 pub const BOUNDARIES: &[char] = &['。', '！', '？', '!', '?', '.', '\n'];
@@ -91,6 +92,8 @@ pub struct StreamJob {
     pub upstream_first_byte: Option<Duration>,
     /// `upstream.total_timeout_ms`, for the error message.
     pub total_timeout: Duration,
+    /// The request's telemetry (spans, TTFT); [`RequestProbe::none`] in tests.
+    pub probe: RequestProbe,
 }
 
 /// How the stream ended, for the access log.
@@ -110,6 +113,7 @@ struct Out {
     fallback_model: String,
     role_sent: bool,
     delivered: String,
+    probe: RequestProbe,
 }
 
 impl Out {
@@ -175,7 +179,9 @@ impl Out {
         self.delivered.push_str(t);
         let mut d = Map::new();
         d.insert("content".into(), json!(t));
-        self.delta(d).await
+        self.delta(d).await?;
+        self.probe.client_first_token();
+        Ok(())
     }
 
     async fn finish(
@@ -245,6 +251,8 @@ struct Run<'a> {
     /// Upstream text of the current attempt.
     upstream_text: String,
     classify_total: Duration,
+    /// The current attempt is a retry (for the classify span's stage).
+    retrying: bool,
 }
 
 /// Run one streamed exchange to its end. Frames go to `tx`; when the
@@ -271,6 +279,7 @@ pub async fn run(job: StreamJob, first: DataStream, tx: mpsc::Sender<Bytes>) -> 
                 .unwrap_or_else(|| "unknown".into()),
             role_sent: false,
             delivered: String::new(),
+            probe: job.probe.clone(),
         },
         tally: Tally::default(),
         meta,
@@ -282,6 +291,7 @@ pub async fn run(job: StreamJob, first: DataStream, tx: mpsc::Sender<Bytes>) -> 
         trailing: Vec::new(),
         upstream_text: String::new(),
         classify_total: Duration::ZERO,
+        retrying: false,
     };
     let outcome = run.drive(first).await;
     let mut verdict = run.tally.verdict(&run.meta);
@@ -308,6 +318,12 @@ pub async fn run(job: StreamJob, first: DataStream, tx: mpsc::Sender<Bytes>) -> 
         },
     };
     job.sink.record(record);
+    job.probe.set_verdict(
+        verdict.category,
+        verdict.action.key(),
+        mode_key(verdict.mode),
+        &verdict.policy,
+    );
     StreamSummary { verdict, outcome }
 }
 
@@ -330,6 +346,7 @@ impl Run<'_> {
                         futures::stream::empty().boxed(),
                     ));
                     self.tally.start_retry(&c);
+                    self.retrying = true;
                     let body = self
                         .job
                         .request
@@ -398,10 +415,21 @@ impl Run<'_> {
 
     /// Classify `reply` (the response so far) and gate it. `None`: the
     /// client went away while waiting.
-    async fn check(&mut self, reply: &str) -> Option<Gate> {
+    /// `last`: the check of the complete response (not a window).
+    async fn check(&mut self, reply: &str, last: bool) -> Option<Gate> {
         let observe = self.job.mode == StreamMode::Observe;
         let response = response_text(reply);
         let closed = self.out.tx.clone();
+        let stage = if self.retrying {
+            "retry"
+        } else if self.job.mode == StreamMode::Buffer {
+            "buffer"
+        } else if last {
+            "final"
+        } else {
+            "window"
+        };
+        let span = self.job.probe.classification(stage);
         let res = tokio::select! {
             biased;
             _ = closed.closed() => return None,
@@ -412,11 +440,15 @@ impl Run<'_> {
             Ok(c) => {
                 self.classify_total += c.elapsed;
                 let d = self.job.policy.decide(&c.scores);
+                super::observe_decision(&self.job.probe, span, &self.job.policy.name, &d, &c);
                 self.tally
                     .gate(&self.job.policy, &d, c.scores, released_any, observe)
             }
             Err((e, elapsed)) => {
                 self.classify_total += elapsed;
+                if let Some(span) = span {
+                    span.failed(super::error_kind(&e));
+                }
                 self.tally.gate_error(&self.job.policy, &e, observe)
             }
         };
@@ -429,11 +461,20 @@ impl Run<'_> {
         loop {
             let data = match self.next(stream).await {
                 Step::Gone => return AttemptEnd::Gone,
-                Step::Fail(e) => return AttemptEnd::Failed(e),
-                Step::End => break,
+                Step::Fail(e) => {
+                    self.job
+                        .probe
+                        .finish_upstream(Some(200), Some("upstream_stream"));
+                    return AttemptEnd::Failed(e);
+                }
+                Step::End => {
+                    self.job.probe.finish_upstream(Some(200), None);
+                    break;
+                }
                 Step::Data(d) => d,
             };
             if data.trim() == "[DONE]" {
+                self.job.probe.finish_upstream(Some(200), None);
                 saw_done = true;
                 break;
             }
@@ -454,7 +495,15 @@ impl Run<'_> {
                     "the upstream reported an error mid-stream: {msg}"
                 )));
             }
+            if self.out.template.is_none() {
+                if let Some(m) = chunk.get("model").and_then(Value::as_str) {
+                    self.job.probe.set_response_model(m);
+                }
+            }
             self.out.learn(&chunk);
+            if let Some(u) = chunk.get("usage").filter(|u| u.is_object()) {
+                super::observe_usage(&self.job.probe, u);
+            }
             let Some(choice) = chunk
                 .get("choices")
                 .and_then(Value::as_array)
@@ -475,6 +524,9 @@ impl Run<'_> {
                 .and_then(Value::as_str)
                 .map(str::to_string);
             self.upstream_text.push_str(&text);
+            if !text.is_empty() {
+                self.job.probe.upstream_first_token();
+            }
 
             if observe {
                 self.pending.push_str(&text);
@@ -487,6 +539,9 @@ impl Run<'_> {
                     self.out.delivered.push_str(&text);
                     if self.out.send(sse::encode(&data)).await.is_err() {
                         return AttemptEnd::Gone;
+                    }
+                    if !text.is_empty() {
+                        self.out.probe.client_first_token();
                     }
                 }
                 continue;
@@ -522,7 +577,7 @@ impl Run<'_> {
             while let Some(cut) = ready_cut(&self.pending, self.job.policy.max_hold_chars) {
                 let segment: String = self.pending.drain(..cut).collect();
                 let candidate = format!("{}{}", self.released, segment);
-                match self.check(&candidate).await {
+                match self.check(&candidate, false).await {
                     None => return AttemptEnd::Gone,
                     Some(Gate::Release) => {
                         if self.out.text(&segment).await.is_err() {
@@ -551,7 +606,7 @@ impl Run<'_> {
         let full = format!("{}{}", self.released, self.pending);
         let covered = self.pending.is_empty() && self.classified_upto == Some(self.released.len());
         if !full.is_empty() && !covered {
-            match self.check(&full).await {
+            match self.check(&full, true).await {
                 None => return AttemptEnd::Gone,
                 Some(Gate::Release) => {}
                 Some(Gate::Retry(c)) => return AttemptEnd::Retry(c),

@@ -177,6 +177,7 @@ async fn run_with(
     let request = ChatRequest::parse(body.to_string().as_bytes()).expect("request");
     let start = Instant::now();
     let job = StreamJob {
+        probe: crate::telemetry::RequestProbe::none(),
         moderator: Arc::new(Moderator::new(classifier, 4, Duration::from_millis(500))),
         upstream,
         sink: Arc::new(NoopSink),
@@ -486,6 +487,7 @@ async fn client_disconnect_drops_the_upstream_stream() {
     let start = Instant::now();
     let p = policy(StreamMode::Window, "default");
     let job = StreamJob {
+        probe: crate::telemetry::RequestProbe::none(),
         moderator: Arc::new(Moderator::new(
             Arc::new(SlowKeyword),
             4,

@@ -12,15 +12,17 @@ use hyper::body::Incoming;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
-use tracing::{field::Empty, Instrument};
+use tracing::Instrument;
 
-use super::body::{error_response, json_response, sse_response, Body, DeadlineBody};
+use super::body::{error_response, full, json_response, sse_response, Body, DeadlineBody};
 use super::upstream::{forward_headers, strip_hop_by_hop, HyperChat, UpstreamClient};
 use super::AppState;
 use crate::classifier::Category;
 use crate::error::GatewayError;
 use crate::moderation::context::{build_context, content_text, response_text, ChatRequest};
-use crate::moderation::{complete, stream, ChatUpstream, ExchangeOutcome, Verdict};
+use crate::moderation::{complete, stream, ChatUpstream, ExchangeOutcome};
+use crate::policy::StreamMode;
+use crate::telemetry::{RequestProbe, RequestTelemetry, PROMETHEUS_CONTENT_TYPE};
 
 /// Response header carrying the request id on every response.
 pub const REQUEST_ID_HEADER: &str = "x-carewall-request-id";
@@ -29,91 +31,28 @@ pub const POLICY_HEADER: &str = "x-carewall-policy";
 /// How long a client may take to send its request body.
 const BODY_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
-/// One access-log line per request, written when this is dropped: at the
-/// end of the response for plain requests, at the end of the stream for
-/// streamed ones (so the verdict is in it). Never carries conversation text.
-/// This is also the place to record per-request metrics.
-struct Access {
-    request_id: String,
-    method: Method,
-    path: String,
-    started: Instant,
-    status: u16,
-    stream: bool,
-    policy: Option<String>,
-    verdict: Option<(Category, &'static str, bool)>,
-    outcome: Option<ExchangeOutcome>,
-    span: tracing::Span,
-}
-
-impl Access {
-    fn verdict(&mut self, v: &Verdict) {
-        self.verdict = Some((v.category, v.action.key(), v.flagged));
-        self.span.record("category", v.category.key());
-        self.span.record("action", v.action.key());
-    }
-}
-
-impl Drop for Access {
-    fn drop(&mut self) {
-        let (category, action, flagged) = match self.verdict {
-            Some((c, a, f)) => (Some(c.key()), Some(a), Some(f)),
-            None => (None, None, None),
-        };
-        let outcome = self.outcome.map(|o| match o {
-            ExchangeOutcome::Completed => "completed",
-            ExchangeOutcome::ClientDisconnected => "client_disconnected",
-            ExchangeOutcome::UpstreamFailed => "upstream_failed",
-        });
-        tracing::info!(
-            target: "carewall::access",
-            parent: &self.span,
-            request_id = %self.request_id,
-            method = %self.method,
-            path = %self.path,
-            status = self.status,
-            duration_ms = self.started.elapsed().as_secs_f64() * 1000.0,
-            stream = self.stream,
-            policy = self.policy.as_deref(),
-            category,
-            action,
-            flagged,
-            outcome,
-            "request"
-        );
-    }
-}
-
 /// The service function: route, map errors, stamp the request id.
 pub async fn handle(
     state: Arc<AppState>,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, std::convert::Infallible> {
     let request_id = uuid::Uuid::now_v7().to_string();
-    let span = tracing::info_span!(
-        "carewall.request",
-        request_id = %request_id,
-        method = %req.method(),
-        path = %req.uri().path(),
-        status = Empty,
-        stream = Empty,
-        policy = Empty,
-        category = Empty,
-        action = Empty,
-    );
-    let mut access = Some(Access {
-        request_id: request_id.clone(),
-        method: req.method().clone(),
-        path: req.uri().path().to_string(),
-        started: Instant::now(),
-        status: 0,
-        stream: false,
-        policy: None,
-        verdict: None,
-        outcome: None,
-        span: span.clone(),
-    });
-    let result = route(&state, req, &request_id, &mut access, &span)
+    // One request span and one access-log line per request, both from
+    // telemetry: the probe finishes them when the response ends (for a
+    // moderated stream, the engine's task takes the probe and finishes it
+    // at the end of the stream; a client that goes away makes it a 499).
+    let mut probe = Some(RequestProbe::new(RequestTelemetry::start(
+        &state.metrics,
+        req.method(),
+        route_name(req.uri().path()),
+        &request_id,
+        req.headers(),
+    )));
+    let span = probe
+        .as_ref()
+        .map(RequestProbe::span)
+        .unwrap_or_else(tracing::Span::none);
+    let result = route(&state, req, &request_id, &mut probe)
         .instrument(span.clone())
         .await;
     let mut resp = match result {
@@ -129,17 +68,18 @@ pub async fn handle(
                 }
                 _ => tracing::debug!(error = %e, code = e.code(), "request rejected"),
             }
+            if let Some(p) = probe.as_ref() {
+                p.set_error(e.code());
+            }
             error_response(&e)
         }
     };
     if let Ok(v) = HeaderValue::from_str(&request_id) {
         resp.headers_mut().insert(REQUEST_ID_HEADER, v);
     }
-    span.record("status", resp.status().as_u16());
-    if let Some(a) = access.as_mut() {
-        a.status = resp.status().as_u16();
+    if let Some(p) = probe {
+        p.finish(resp.status().as_u16());
     }
-    drop(access);
     Ok(resp)
 }
 
@@ -147,16 +87,25 @@ async fn route(
     state: &Arc<AppState>,
     req: Request<Incoming>,
     request_id: &str,
-    access: &mut Option<Access>,
-    span: &tracing::Span,
+    probe: &mut Option<RequestProbe>,
 ) -> Result<Response<Body>, GatewayError> {
     let path = req.uri().path().to_string();
+    let tel = probe.clone().unwrap_or_default();
     match (req.method(), path.as_str()) {
         (&Method::GET, "/healthz") => Ok(json_response(StatusCode::OK, &json!({"status": "ok"}))),
         (&Method::GET, "/readyz") => Ok(readyz(state)),
-        (&Method::GET, "/v1/models") => passthrough(state, req, "/models").await,
-        (&Method::POST, "/v1/chat/completions") => chat(state, req, request_id, access, span).await,
-        (&Method::POST, "/v1/moderations") => moderations(state, req, request_id).await,
+        // Disabled (`telemetry.prometheus = false`): 404 like any unknown path.
+        (&Method::GET, "/metrics") if state.metrics.prometheus_enabled() => {
+            let mut r = Response::new(full(state.metrics.render_prometheus()));
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static(PROMETHEUS_CONTENT_TYPE),
+            );
+            Ok(r)
+        }
+        (&Method::GET, "/v1/models") => passthrough(state, req, "/models", &tel).await,
+        (&Method::POST, "/v1/chat/completions") => chat(state, req, request_id, probe).await,
+        (&Method::POST, "/v1/moderations") => moderations(state, req, request_id, &tel).await,
         (_, "/healthz" | "/readyz" | "/v1/models" | "/v1/chat/completions" | "/v1/moderations") => {
             Err(GatewayError::MethodNotAllowed {
                 method: req.method().to_string(),
@@ -167,6 +116,28 @@ async fn route(
             method: req.method().to_string(),
             path,
         }),
+    }
+}
+
+fn stream_mode_key(mode: StreamMode) -> &'static str {
+    match mode {
+        StreamMode::Buffer => "buffer",
+        StreamMode::Window => "window",
+        StreamMode::Observe => "observe",
+    }
+}
+
+/// The matched route for spans and metric labels (bounded cardinality:
+/// never the raw path).
+fn route_name(path: &str) -> &'static str {
+    match path {
+        "/healthz" => "/healthz",
+        "/readyz" => "/readyz",
+        "/metrics" => "/metrics",
+        "/v1/models" => "/v1/models",
+        "/v1/chat/completions" => "/v1/chat/completions",
+        "/v1/moderations" => "/v1/moderations",
+        _ => "other",
     }
 }
 
@@ -250,6 +221,7 @@ async fn passthrough(
     state: &AppState,
     req: Request<Incoming>,
     upstream_path: &str,
+    probe: &RequestProbe,
 ) -> Result<Response<Body>, GatewayError> {
     if !state.upstream.is_configured() {
         return Err(GatewayError::NoUpstream);
@@ -264,7 +236,16 @@ async fn passthrough(
         declared,
     )
     .await?;
-    forward(state, method, upstream_path, headers, bytes, deadline).await
+    forward(
+        state,
+        method,
+        upstream_path,
+        headers,
+        bytes,
+        deadline,
+        probe,
+    )
+    .await
 }
 
 async fn forward(
@@ -274,14 +255,30 @@ async fn forward(
     headers: http::HeaderMap,
     bytes: Bytes,
     deadline: Instant,
+    probe: &RequestProbe,
 ) -> Result<Response<Body>, GatewayError> {
-    let resp = state
+    let mut headers = headers;
+    probe.upstream_call(&mut headers);
+    let resp = match state
         .upstream
         .send(method, upstream_path, headers, bytes)
-        .await?;
+        .await
+    {
+        Ok(r) => r,
+        Err(e) => {
+            probe.finish_upstream(None, Some(e.code()));
+            return Err(e);
+        }
+    };
+    // Pass-through bodies are not read here: the upstream span ends with
+    // the response head.
+    let status = resp.status().as_u16();
     if !resp.status().is_success() {
-        return Err(UpstreamClient::status_error(resp).await);
+        let e = UpstreamClient::status_error(resp).await;
+        probe.finish_upstream(Some(status), Some(e.code()));
+        return Err(e);
     }
+    probe.finish_upstream(Some(status), None);
     let (mut parts, body) = resp.into_parts();
     // The body is re-framed by our side of the connection, so the
     // provider's framing headers (length, transfer-encoding) go.
@@ -294,9 +291,9 @@ async fn chat(
     state: &Arc<AppState>,
     req: Request<Incoming>,
     request_id: &str,
-    access: &mut Option<Access>,
-    span: &tracing::Span,
+    probe: &mut Option<RequestProbe>,
 ) -> Result<Response<Body>, GatewayError> {
+    let tel = probe.clone().unwrap_or_default();
     let started = Instant::now();
     let started_at = SystemTime::now();
     if !state.upstream.is_configured() {
@@ -312,6 +309,7 @@ async fn chat(
     )
     .await?;
     if !state.config.moderation.enabled {
+        tel.set_streaming("off");
         let deadline = started + state.upstream.total_timeout;
         return forward(
             state,
@@ -320,6 +318,7 @@ async fn chat(
             headers,
             bytes,
             deadline,
+            &tel,
         )
         .await;
     }
@@ -343,14 +342,15 @@ async fn chat(
                 None,
             )
         })?;
-    span.record("policy", policy.name.as_str());
     let request = ChatRequest::parse(&bytes)?;
-    span.record("stream", request.stream);
-    if let Some(a) = access.as_mut() {
-        a.policy = Some(policy.name.clone());
-        a.stream = request.stream;
-    }
-    let upstream = Arc::new(HyperChat::new(state.upstream.clone(), headers));
+    tel.set_request(request.model.as_deref().unwrap_or(""), request.stream);
+    tel.set_streaming(if request.stream {
+        stream_mode_key(policy.streaming)
+    } else {
+        "off"
+    });
+    let upstream =
+        Arc::new(HyperChat::new(state.upstream.clone(), headers).with_probe(tel.clone()));
     let deadline = started + state.upstream.total_timeout;
 
     if request.stream {
@@ -369,22 +369,28 @@ async fn chat(
             started_at,
             upstream_first_byte: Some(started.elapsed()),
             total_timeout: state.upstream.total_timeout,
+            probe: tel.clone(),
         };
         let (tx, rx) = mpsc::channel(32);
-        let mut acc = access.take();
-        if let Some(a) = acc.as_mut() {
-            a.status = 200;
-        }
+        // The stream's task finishes the request's telemetry, not `handle`.
+        let owned = probe.take().unwrap_or_default();
+        let span = owned.span();
         tokio::spawn(
             async move {
                 let summary = stream::run(job, first, tx).await;
-                if let Some(a) = acc.as_mut() {
-                    a.verdict(&summary.verdict);
-                    a.outcome = Some(summary.outcome);
+                match summary.outcome {
+                    ExchangeOutcome::Completed => owned.finish(200),
+                    ExchangeOutcome::UpstreamFailed => {
+                        owned.set_error("upstream_failed");
+                        owned.finish(200);
+                    }
+                    ExchangeOutcome::ClientDisconnected => {
+                        owned.set_error("client_cancelled");
+                        owned.finish(499);
+                    }
                 }
-                drop(acc);
             }
-            .instrument(span.clone()),
+            .instrument(span),
         );
         let mut resp = sse_response(rx);
         resp.headers_mut().extend(provider_headers);
@@ -414,12 +420,11 @@ async fn chat(
             started,
             started_at,
             upstream_first_byte: Some(first_byte),
+            probe: tel.clone(),
         };
-        let (body, verdict) = complete::run(job, first).await;
-        if let Some(a) = access.as_mut() {
-            a.verdict(&verdict);
-            a.outcome = Some(ExchangeOutcome::Completed);
-        }
+        let (body, _verdict) = complete::run(job, first).await;
+        // The whole body goes out at once: its first token is now.
+        tel.client_first_token();
         let mut resp = json_response(StatusCode::OK, &body);
         resp.headers_mut().extend(provider_headers);
         Ok(resp)
@@ -431,6 +436,7 @@ async fn moderations(
     state: &AppState,
     req: Request<Incoming>,
     request_id: &str,
+    probe: &RequestProbe,
 ) -> Result<Response<Body>, GatewayError> {
     let policy_header = policy_header(&req)?;
     let declared = declared_length(&req);
@@ -462,12 +468,20 @@ async fn moderations(
         } else {
             response_text(&input)
         };
-        let classified = state
-            .moderator
-            .classify(&context, &response)
-            .await
-            .map_err(|(e, _)| GatewayError::ClassifierUnavailable(e.to_string()))?;
+        let span = probe.classification("moderations");
+        let classified = match state.moderator.classify(&context, &response).await {
+            Ok(c) => c,
+            Err((e, _)) => {
+                if let Some(span) = span {
+                    span.failed(crate::moderation::error_kind(&e));
+                }
+                return Err(GatewayError::ClassifierUnavailable(e.to_string()));
+            }
+        };
         let decision = policy.decide(&classified.scores);
+        if let Some(span) = span {
+            span.done(decision.top, classified.scores.get(decision.top));
+        }
         let flagged_cats: Vec<Category> = decision
             .enforced
             .iter()

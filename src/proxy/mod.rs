@@ -34,6 +34,9 @@ pub struct AppState {
     pub upstream: Arc<upstream::UpstreamClient>,
     /// Receives every moderated exchange (the audit log plugs in here).
     pub sink: Arc<dyn ExchangeSink>,
+    /// Telemetry instruments (`/metrics`); disabled unless
+    /// `telemetry::init` ran in this process.
+    pub metrics: crate::telemetry::Metrics,
 }
 
 impl AppState {
@@ -52,6 +55,8 @@ impl AppState {
         } else {
             sink
         };
+        let metrics = crate::telemetry::metrics();
+        watch_classifier(&metrics, classifier.as_ref());
         let moderator = Arc::new(Moderator::new(
             classifier,
             config.moderation.max_concurrent_classifications,
@@ -63,6 +68,7 @@ impl AppState {
             moderator,
             upstream,
             sink,
+            metrics,
         }))
     }
 
@@ -81,4 +87,21 @@ impl AppState {
         self.upstream.is_configured()
             && (!self.config.moderation.enabled || self.moderator.classifier().is_ready())
     }
+}
+
+/// Feed the classifier's micro-batch sizes and queue depth into `metrics`
+/// (classifiers without a batcher have nothing to report).
+fn watch_classifier(metrics: &crate::telemetry::Metrics, classifier: &dyn Classifier) {
+    let Some(stats) = classifier.batch_stats() else {
+        return;
+    };
+    let m = metrics.clone();
+    // The observer slot is set once per classifier; a second AppState over
+    // the same classifier keeps the first one's, which records the same.
+    let _ = stats.set_observer(Arc::new(move |e: &crate::classifier::BatchEvent| {
+        m.record_batch_size(e.size)
+    }));
+    metrics.watch_queue_depth(crate::telemetry::Queue::Classifier, move || {
+        stats.queue_depth()
+    });
 }

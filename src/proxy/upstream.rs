@@ -298,6 +298,9 @@ pub struct HyperChat {
     /// Informational headers of the first successful upstream response
     /// (request id, rate limits), passed on to the client.
     pub response_headers: std::sync::Mutex<Option<HeaderMap>>,
+    /// The request's telemetry: each call opens an upstream span and sends
+    /// its `traceparent`.
+    pub probe: crate::telemetry::RequestProbe,
 }
 
 /// The provider's informational response headers worth passing on to the
@@ -324,7 +327,48 @@ impl HyperChat {
             client,
             headers,
             response_headers: std::sync::Mutex::new(None),
+            probe: crate::telemetry::RequestProbe::none(),
         }
+    }
+
+    /// Trace this request's provider calls through `probe`.
+    pub fn with_probe(mut self, probe: crate::telemetry::RequestProbe) -> HyperChat {
+        self.probe = probe;
+        self
+    }
+
+    /// Send one chat call, inside its own upstream span; a failure ends
+    /// the span with the error's kind.
+    async fn send_chat(
+        &self,
+        stream: bool,
+        bytes: Bytes,
+    ) -> Result<hyper::Response<hyper::body::Incoming>, GatewayError> {
+        let mut headers = self.headers_for(stream);
+        self.probe.upstream_call(&mut headers);
+        let resp = match self
+            .client
+            .send(Method::POST, "/chat/completions", headers, bytes)
+            .await
+        {
+            Ok(r) => r,
+            Err(e) => {
+                self.probe.finish_upstream(None, Some(e.code()));
+                return Err(e);
+            }
+        };
+        let ok = if stream {
+            resp.status() == StatusCode::OK
+        } else {
+            resp.status().is_success()
+        };
+        if !ok {
+            let status = resp.status().as_u16();
+            let e = UpstreamClient::status_error(resp).await;
+            self.probe.finish_upstream(Some(status), Some(e.code()));
+            return Err(e);
+        }
+        Ok(resp)
     }
 
     fn remember(&self, h: &HeaderMap) {
@@ -367,18 +411,7 @@ impl ChatUpstream for HyperChat {
     fn open_stream(&self, body: Value) -> BoxFuture<'_, Result<DataStream, GatewayError>> {
         Box::pin(async move {
             let bytes = Bytes::from(body.to_string());
-            let resp = self
-                .client
-                .send(
-                    Method::POST,
-                    "/chat/completions",
-                    self.headers_for(true),
-                    bytes,
-                )
-                .await?;
-            if resp.status() != StatusCode::OK {
-                return Err(UpstreamClient::status_error(resp).await);
-            }
+            let resp = self.send_chat(true, bytes).await?;
             self.remember(resp.headers());
             Ok(data_stream(resp.into_body()))
         })
@@ -387,18 +420,8 @@ impl ChatUpstream for HyperChat {
     fn complete(&self, body: Value) -> BoxFuture<'_, Result<Value, GatewayError>> {
         Box::pin(async move {
             let bytes = Bytes::from(body.to_string());
-            let resp = self
-                .client
-                .send(
-                    Method::POST,
-                    "/chat/completions",
-                    self.headers_for(false),
-                    bytes,
-                )
-                .await?;
-            if !resp.status().is_success() {
-                return Err(UpstreamClient::status_error(resp).await);
-            }
+            let resp = self.send_chat(false, bytes).await?;
+            let status = resp.status().as_u16();
             self.remember(resp.headers());
             let collected = Limited::new(resp.into_body(), MAX_UPSTREAM_BODY)
                 .collect()
@@ -415,6 +438,14 @@ impl ChatUpstream for HyperChat {
                     "the upstream body is not a JSON object".into(),
                 ));
             }
+            self.probe.upstream_first_token();
+            if let Some(m) = v.get("model").and_then(Value::as_str) {
+                self.probe.set_response_model(m);
+            }
+            if let Some(u) = v.get("usage") {
+                crate::moderation::observe_usage(&self.probe, u);
+            }
+            self.probe.finish_upstream(Some(status), None);
             Ok(v)
         })
     }

@@ -176,7 +176,7 @@ impl Metrics {
             responses: meter
                 .u64_counter("carewall.responses")
                 .with_description(
-                    "Moderated responses by deciding category, action taken and mode (enforce/shadow)",
+                    "Moderated responses by deciding category, action taken and mode (enforce/shadow, none when nothing was flagged)",
                 )
                 .build(),
             classifier_latency: seconds(
@@ -236,7 +236,7 @@ impl Metrics {
 
     /// One moderated response and its verdict: the category that decided it
     /// (`safe_response` for clean ones), the action (`allow`, `annotate`,
-    /// `append`, `replace`, `retry`, `block`) and `enforce` or `shadow`.
+    /// `append`, `replace`, `retry`, `block`) and `enforce`, `shadow` or `none` (nothing flagged).
     pub fn record_response(&self, category: Category, action: &'static str, mode: &'static str) {
         self.inner.responses.add(
             1,
@@ -316,6 +316,28 @@ impl Metrics {
         self.inner.audit_dropped.add(records, &[]);
     }
 
+    /// Read the audit sink's queue depth and its running total of dropped
+    /// records whenever metrics are collected (scrape or OTLP push): the
+    /// audit writer keeps its own counters, so nothing on its hot path calls
+    /// telemetry. Growth of `dropped_total` since the last collection is
+    /// added to `carewall_audit_dropped_total`.
+    pub fn watch_audit(
+        &self,
+        depth: impl Fn() -> usize + Send + Sync + 'static,
+        dropped_total: impl Fn() -> u64 + Send + Sync + 'static,
+    ) {
+        let counter = self.inner.audit_dropped.clone();
+        let seen = AtomicU64::new(0);
+        self.watch_queue_depth(Queue::Audit, move || {
+            let total = dropped_total();
+            let before = seen.swap(total, Ordering::Relaxed);
+            if total > before {
+                counter.add(total - before, &[]);
+            }
+            depth()
+        });
+    }
+
     /// Whether `/metrics` should be served (`telemetry.prometheus`).
     pub fn prometheus_enabled(&self) -> bool {
         self.inner.registry.is_some()
@@ -375,4 +397,52 @@ pub(super) fn resource(settings: &TelemetrySettings) -> Resource {
         .with_service_name(settings.service_name.clone())
         .with_attribute(KeyValue::new("service.version", env!("CARGO_PKG_VERSION")))
         .build()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+
+    fn value(text: &str, series: &str) -> Option<f64> {
+        text.lines()
+            .find(|l| l.starts_with(series))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+    }
+
+    /// The audit sink's own counters reach `/metrics` as they grow, counted
+    /// once however often metrics are collected.
+    #[test]
+    fn audit_depth_and_drops_are_read_at_collection() {
+        let metrics = Metrics::new(&TelemetrySettings::default()).expect("metrics");
+        let depth = Arc::new(AtomicUsize::new(5));
+        let dropped = Arc::new(AtomicU64::new(3));
+        let (d, x) = (depth.clone(), dropped.clone());
+        metrics.watch_audit(
+            move || d.load(Ordering::Relaxed),
+            move || x.load(Ordering::Relaxed),
+        );
+        let text = metrics.render_prometheus();
+        assert_eq!(
+            value(&text, "carewall_queue_depth{queue=\"audit\""),
+            Some(5.0),
+            "{text}"
+        );
+        let _ = metrics.render_prometheus();
+        dropped.store(4, Ordering::Relaxed);
+        depth.store(1, Ordering::Relaxed);
+        let _ = metrics.render_prometheus();
+        let text = metrics.render_prometheus();
+        assert_eq!(
+            value(&text, "carewall_audit_dropped_total"),
+            Some(4.0),
+            "{text}"
+        );
+        assert_eq!(
+            value(&text, "carewall_queue_depth{queue=\"audit\""),
+            Some(1.0),
+            "{text}"
+        );
+    }
 }

@@ -29,11 +29,13 @@ use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::{Layer, Registry};
 
 mod metrics;
+mod probe;
 mod request;
 mod settings;
 pub mod spans;
 
 pub use metrics::{Metrics, Queue, PROMETHEUS_CONTENT_TYPE};
+pub use probe::RequestProbe;
 pub use request::{Classification, RequestTelemetry, UpstreamCall};
 pub use settings::{
     LogFormat, LoggingOptions, RawTelemetrySettings, SettingsError, TelemetrySettings,
@@ -127,6 +129,17 @@ impl Drop for TelemetryGuard {
     }
 }
 
+static GLOBAL_METRICS: std::sync::OnceLock<Metrics> = std::sync::OnceLock::new();
+
+/// The metrics handle installed by [`init`], or a disabled one (nothing
+/// recorded, no `/metrics`) when `init` has not run in this process.
+pub fn metrics() -> Metrics {
+    GLOBAL_METRICS
+        .get()
+        .cloned()
+        .unwrap_or_else(Metrics::disabled)
+}
+
 /// Install the global subscriber (logs to stderr), the W3C TraceContext
 /// propagator, and the exporters `settings` ask for. Call once, first
 /// thing in `serve`, before the runtime spawns work.
@@ -138,6 +151,10 @@ pub fn init(
     tracing::dispatcher::set_global_default(dispatch)
         .map_err(|_| TelemetryError::AlreadyInitialised)?;
     opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
+    // The subscriber is global, so the metrics handle that goes with it is
+    // too: the proxy state picks it up without threading it through every
+    // constructor.
+    let _ = GLOBAL_METRICS.set(guard.metrics.clone());
     if let Some(provider) = &guard.tracer_provider {
         opentelemetry::global::set_tracer_provider(provider.clone());
     }

@@ -147,7 +147,7 @@ pub fn decision_span(parent: &Span, policy: &str) -> Span {
 
 /// Put a verdict on a request or decision span: the category that decided,
 /// the action (`allow`, `annotate`, `append`, `replace`, `retry`, `block`),
-/// the mode (`enforce` or `shadow`) and the policy's name.
+/// the mode (`enforce`, `shadow`, or `none` when nothing was flagged) and the policy's name.
 pub fn record_verdict(
     span: &Span,
     category: Category,
