@@ -564,6 +564,7 @@ async fn the_sink_gets_the_verdict_both_texts_and_timings() {
         started_at: SystemTime::now(),
         upstream_first_byte: Some(Duration::from_millis(3)),
         total_timeout: Duration::from_secs(60),
+        probe: crate::telemetry::RequestProbe::none(),
     };
     let (tx, mut rx) = mpsc::channel(16);
     let handle = tokio::spawn(run(
