@@ -27,7 +27,15 @@ use crate::classifier::{ClassifierKind, ClassifierSettings};
 pub const DEFAULT_CONFIG_PATH: &str = "config/carewall.toml";
 
 /// Top-level sections this build knows. Anything else is rejected.
-pub const SECTIONS: &[&str] = &["server", "upstream", "moderation", "classifier", "logging"];
+pub const SECTIONS: &[&str] = &[
+    "server",
+    "upstream",
+    "moderation",
+    "classifier",
+    "logging",
+    "audit",
+    "admin",
+];
 
 /// Everything that was wrong with a configuration, one line per problem,
 /// each starting with the key it is about.
@@ -43,6 +51,10 @@ pub struct Config {
     pub moderation: ModerationConfig,
     pub classifier: ClassifierSettings,
     pub logging: LoggingConfig,
+    /// `[audit]`: the audit trail (see [`crate::audit`]).
+    pub audit: crate::audit::AuditSettings,
+    /// `[admin]`: the review API's token.
+    pub admin: crate::audit::AdminSettings,
 }
 
 /// `[server]`.
@@ -305,12 +317,28 @@ impl Config {
         let moderation: RawModeration = section(&mut top, "moderation", &mut errors);
         let classifier: RawClassifier = section(&mut top, "classifier", &mut errors);
         let logging: RawLogging = section(&mut top, "logging", &mut errors);
+        let audit: crate::audit::RawAuditSection = section(&mut top, "audit", &mut errors);
+        let admin: crate::audit::RawAdminSection = section(&mut top, "admin", &mut errors);
 
         let server = validate_server(server, &mut errors);
         let upstream = validate_upstream(upstream, &env, &mut errors);
         let moderation = validate_moderation(moderation, &mut errors);
         let classifier = validate_classifier(classifier, &mut errors);
         let logging = validate_logging(logging, &mut errors);
+        // Relative audit paths (SQLite file, key files) are next to the
+        // config file, so a deployment's data stays beside its config.
+        let base_dir = config_dir(src.file.as_deref());
+        let env_of = |k: &str| env.get(k).filter(|v| !v.is_empty()).cloned();
+        let audit = crate::audit::AuditSettings::from_raw(&audit, &base_dir, &env_of)
+            .unwrap_or_else(|e| {
+                errors.extend(e.0);
+                crate::audit::AuditSettings::defaults(&base_dir)
+            });
+        let admin = crate::audit::AdminSettings::from_raw(&admin, &base_dir, &env_of)
+            .unwrap_or_else(|e| {
+                errors.extend(e.0);
+                crate::audit::AdminSettings::default()
+            });
 
         Ok((
             Config {
@@ -319,9 +347,19 @@ impl Config {
                 moderation,
                 classifier,
                 logging,
+                audit,
+                admin,
             },
             errors,
         ))
+    }
+}
+
+/// The folder of the config file (the working directory without one).
+pub fn config_dir(file: Option<&Path>) -> PathBuf {
+    match file.and_then(Path::parent) {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
     }
 }
 

@@ -174,10 +174,10 @@ pub trait Classifier: Send + Sync + 'static {
 }
 
 pub mod batch;
+pub mod keyword;
 pub mod metrics;
 pub mod model;
 pub mod onnx;
-pub mod keyword;
 mod settings;
 pub mod tokenize;
 pub use batch::{BatchEvent, BatchObserver, BatchStats, StatsSnapshot};

@@ -6,8 +6,8 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 pub mod audit;
-pub mod classify;
 pub mod check_config;
+pub mod classify;
 pub mod demo;
 pub mod eval;
 pub mod serve;

@@ -18,6 +18,8 @@ pub struct ChatRequest {
     /// Language of the last user message (picks safe-reply texts).
     pub lang: Lang,
     pub model: Option<String>,
+    /// Filled by the HTTP layer from headers and the `user` field.
+    pub client: super::sink::ClientIdentity,
 }
 
 /// Text of a message's `content`: a string, or the `text` parts of an array.
@@ -122,6 +124,14 @@ impl ChatRequest {
             context: build_context(messages),
             lang: Lang::detect(&last_user),
             model: obj.get("model").and_then(Value::as_str).map(str::to_string),
+            client: super::sink::ClientIdentity {
+                key_id: None,
+                conversation: obj
+                    .get("user")
+                    .and_then(Value::as_str)
+                    .filter(|u| !u.trim().is_empty())
+                    .map(str::to_string),
+            },
             stream,
             body,
         })

@@ -25,7 +25,7 @@ use tokio::sync::Semaphore;
 use crate::classifier::{Classifier, ClassifyError, Pair, Scores};
 use crate::error::GatewayError;
 
-pub use sink::{ExchangeOutcome, ExchangeRecord, ExchangeSink, NoopSink, Timings};
+pub use sink::{ClientIdentity, ExchangeOutcome, ExchangeRecord, ExchangeSink, NoopSink, Timings};
 pub use verdict::Verdict;
 
 /// A stream of SSE `data` payloads from the upstream (chunk JSON or `[DONE]`).

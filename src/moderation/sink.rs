@@ -46,6 +46,25 @@ pub struct ExchangeRecord {
     /// Text the client actually received.
     pub delivered_text: String,
     pub timings: Timings,
+    /// Who sent the request (tenant key id, conversation key), as far as
+    /// the request says.
+    pub client: ClientIdentity,
+    /// The policy snapshot this request ran under (thresholds for the
+    /// audit record).
+    pub policy: crate::policy::PolicyRef,
+}
+
+/// What identifies the client of one request. Both are raw identifiers:
+/// the audit sink hashes them before anything is stored, and they never go
+/// into a log line.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ClientIdentity {
+    /// A fingerprint of the client's bearer key (`key-` + 16 hex digits of
+    /// its SHA-256), never the key itself; `None` without `Authorization`.
+    pub key_id: Option<String>,
+    /// The `x-carewall-conversation-id` header, else the OpenAI `user`
+    /// field of the request body.
+    pub conversation: Option<String>,
 }
 
 /// Receives every moderated exchange. Called on the request's task right

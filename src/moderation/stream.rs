@@ -304,6 +304,8 @@ pub async fn run(job: StreamJob, first: DataStream, tx: mpsc::Sender<Bytes>) -> 
             upstream_first_byte: job.upstream_first_byte,
             classify_total: run.classify_total,
         },
+        client: job.request.client.clone(),
+        policy: job.policy.clone(),
     };
     job.sink.record(record);
     StreamSummary { verdict, outcome }

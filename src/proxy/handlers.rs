@@ -20,12 +20,15 @@ use super::AppState;
 use crate::classifier::Category;
 use crate::error::GatewayError;
 use crate::moderation::context::{build_context, content_text, response_text, ChatRequest};
-use crate::moderation::{complete, stream, ChatUpstream, ExchangeOutcome, Verdict};
+use crate::moderation::{complete, stream, ChatUpstream, ClientIdentity, ExchangeOutcome, Verdict};
 
 /// Response header carrying the request id on every response.
 pub const REQUEST_ID_HEADER: &str = "x-carewall-request-id";
 /// Request header choosing a policy through `moderation.header_policies`.
 pub const POLICY_HEADER: &str = "x-carewall-policy";
+/// Request header naming the conversation, for the audit trail's
+/// pseudonymous conversation id (wins over the body's `user` field).
+pub const CONVERSATION_HEADER: &str = "x-carewall-conversation-id";
 /// How long a client may take to send its request body.
 const BODY_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
@@ -151,6 +154,12 @@ async fn route(
     span: &tracing::Span,
 ) -> Result<Response<Body>, GatewayError> {
     let path = req.uri().path().to_string();
+    if crate::admin::matches(&path) {
+        if let Some(admin) = state.admin.get() {
+            let resp = crate::admin::handle(req, admin).await;
+            return Ok(resp.map(|b| b.map_err(|never| match never {}).boxed_unsync()));
+        }
+    }
     match (req.method(), path.as_str()) {
         (&Method::GET, "/healthz") => Ok(json_response(StatusCode::OK, &json!({"status": "ok"}))),
         (&Method::GET, "/readyz") => Ok(readyz(state)),
@@ -238,6 +247,33 @@ fn policy_header(req: &Request<Incoming>) -> Result<Option<String>, GatewayError
     }
 }
 
+/// The client's key fingerprint and the conversation header. The key is
+/// hashed here so that only its fingerprint travels further.
+fn client_identity(headers: &http::HeaderMap) -> ClientIdentity {
+    use sha2::{Digest, Sha256};
+    let key_id = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+        .filter(|k| !k.is_empty())
+        .map(|k| {
+            let digest = Sha256::digest(k.as_bytes());
+            let hex: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
+            format!("key-{hex}")
+        });
+    let conversation = headers
+        .get(CONVERSATION_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|c| !c.is_empty())
+        .map(str::to_string);
+    ClientIdentity {
+        key_id,
+        conversation,
+    }
+}
+
 fn declared_length(req: &Request<Incoming>) -> Option<u64> {
     req.headers()
         .get(header::CONTENT_LENGTH)
@@ -303,6 +339,7 @@ async fn chat(
         return Err(GatewayError::NoUpstream);
     }
     let policy_header = policy_header(&req)?;
+    let client = client_identity(req.headers());
     let headers = forward_headers(req.headers());
     let declared = declared_length(&req);
     let bytes = read_body(
@@ -344,7 +381,11 @@ async fn chat(
             )
         })?;
     span.record("policy", policy.name.as_str());
-    let request = ChatRequest::parse(&bytes)?;
+    let mut request = ChatRequest::parse(&bytes)?;
+    request.client.key_id = client.key_id;
+    if client.conversation.is_some() {
+        request.client.conversation = client.conversation;
+    }
     span.record("stream", request.stream);
     if let Some(a) = access.as_mut() {
         a.policy = Some(policy.name.clone());

@@ -34,6 +34,9 @@ pub struct AppState {
     pub upstream: Arc<upstream::UpstreamClient>,
     /// Receives every moderated exchange (the audit log plugs in here).
     pub sink: Arc<dyn ExchangeSink>,
+    /// The review API and console under `/admin`; set once at start-up
+    /// (unset: `/admin` answers 404).
+    pub admin: std::sync::OnceLock<crate::admin::AdminState>,
 }
 
 impl AppState {
@@ -63,6 +66,7 @@ impl AppState {
             moderator,
             upstream,
             sink,
+            admin: std::sync::OnceLock::new(),
         }))
     }
 

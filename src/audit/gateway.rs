@@ -1,0 +1,136 @@
+//! The gateway's side of the audit trail: turns each finished exchange
+//! ([`ExchangeRecord`]) into an [`AuditRecord`] and queues it.
+//!
+//! Invariant: [`GatewayAuditSink::record`] never waits (it runs on the
+//! request's task right after the response ended): it uses
+//! [`AuditSink::try_submit`], so a full queue drops the record (counted and
+//! logged by the sink) instead of delaying anyone.
+
+use std::time::Duration;
+
+use crate::classifier::{Category, Scores};
+use crate::moderation::{ExchangeRecord, ExchangeSink};
+use crate::policy::{Mode, PolicySet, StreamMode};
+
+use super::record::{AuditRecord, Latency, ALLOW};
+use super::sink::AuditSink;
+
+/// The audit sink as the gateway's [`ExchangeSink`].
+#[derive(Debug, Clone)]
+pub struct GatewayAuditSink {
+    sink: AuditSink,
+}
+
+impl GatewayAuditSink {
+    pub fn new(sink: AuditSink) -> GatewayAuditSink {
+        GatewayAuditSink { sink }
+    }
+}
+
+impl ExchangeSink for GatewayAuditSink {
+    fn record(&self, record: ExchangeRecord) {
+        let (action, shadow) = audited_action(&record);
+        // Cheap check first: most allowed responses are not sampled, and
+        // building the record would copy the whole conversation.
+        if !self.sink.wants(&record.verdict.request_id, action != ALLOW) {
+            return;
+        }
+        self.sink.try_submit(audit_record(record, action, shadow));
+    }
+}
+
+/// The action to record and whether it was only a shadow finding. In
+/// shadow mode nothing was done, so the record carries what the policy
+/// would have done (the strictest shadow finding), marked shadow.
+fn audited_action(record: &ExchangeRecord) -> (String, bool) {
+    let v = &record.verdict;
+    match (v.mode, v.shadow.first()) {
+        (Some(Mode::Shadow), Some(would)) => (would.action.key().to_string(), true),
+        _ => (v.action.key().to_string(), false),
+    }
+}
+
+/// The streaming mode as shown in the console.
+pub fn streaming_label(stream: bool, mode: Option<StreamMode>) -> &'static str {
+    match (stream, mode) {
+        (false, _) => "none",
+        (true, Some(StreamMode::Buffer)) => "buffer",
+        (true, Some(StreamMode::Window)) => "window",
+        (true, Some(StreamMode::Observe)) => "observe",
+        (true, None) => "stream",
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// Build the audit record of one exchange.
+///
+/// The response text is what the upstream produced (what the classifier
+/// judged, and what a counsellor should label), not the remedy the client
+/// got; the delivered text is in the verdict's action.
+pub fn audit_record(record: ExchangeRecord, action: String, shadow: bool) -> AuditRecord {
+    let ExchangeRecord {
+        verdict,
+        model,
+        stream,
+        context,
+        upstream_text,
+        timings,
+        client,
+        policy,
+        ..
+    } = record;
+    let category = match (shadow, verdict.shadow.first()) {
+        (true, Some(would)) => would.category,
+        _ => verdict.category,
+    };
+    let threshold = policy.rules.get(&category).map(|r| r.threshold);
+    let latency = Latency {
+        classifier_ms: Some(ms(timings.classify_total)),
+        // For a non-streamed response the upstream figure is its whole
+        // answer, so the rest of the total is what the gateway added. A
+        // stream overlaps both; only the classifier time is meaningful.
+        added_ms: match (stream, timings.upstream_first_byte) {
+            (false, Some(up)) => Some(ms(timings.total.saturating_sub(up))),
+            _ => None,
+        },
+        upstream_ms: match stream {
+            false => timings.upstream_first_byte.map(ms),
+            true => None,
+        },
+    };
+    AuditRecord {
+        request_id: verdict.request_id,
+        time: timings.started_at,
+        tenant: client.key_id,
+        conversation_key: client.conversation,
+        model: model.unwrap_or_default(),
+        policy_name: verdict.policy,
+        policy_version: verdict.policy_version,
+        streaming: streaming_label(stream, verdict.streaming).to_string(),
+        // No scores means the classifier failed (on_error handled it); the
+        // record still says what was done, with all-zero scores.
+        scores: verdict.scores.unwrap_or(Scores([0.0; 8])),
+        category,
+        threshold,
+        action,
+        shadow,
+        latency,
+        context,
+        response: crate::moderation::context::response_text(&upstream_text),
+    }
+}
+
+/// Thresholds of the default policy, indexed by label id (`None` for
+/// `safe_response`), for the review summary.
+pub fn default_thresholds(set: &PolicySet) -> [Option<f32>; 8] {
+    let mut out = [None; 8];
+    if let Some(p) = set.default_policy() {
+        for c in Category::ALL {
+            out[c.id()] = p.rules.get(&c).map(|r| r.threshold);
+        }
+    }
+    out
+}
