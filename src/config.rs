@@ -761,6 +761,43 @@ mod tests {
     }
 
     #[test]
+    fn audit_and_admin_problems_are_collected_with_the_rest() {
+        let errs = errors_of(
+            "[server]\nlisten = \"x\"\n[audit]\ntext = \"full\"\nflush_interval_ms = 0\n[admin]\ntoken = \"short\"\n",
+            &[],
+        );
+        for key in [
+            "server.listen:",
+            "audit.text",
+            "audit.flush_interval_ms:",
+            "admin.token:",
+        ] {
+            assert!(
+                errs.iter().any(|e| e.starts_with(key)),
+                "missing {key} in {errs:?}"
+            );
+        }
+        let errs = errors_of("[audit]\nbogus = 1\n", &[]);
+        assert!(
+            errs.iter()
+                .any(|e| e.starts_with("audit") && e.contains("bogus")),
+            "{errs:?}"
+        );
+        // Env names the spec fixes; the SQLite file defaults to the config's folder.
+        let c = load(
+            "",
+            &[
+                ("CAREWALL__AUDIT__URL", "sqlite://x/audit.db"),
+                ("CAREWALL__ADMIN__TOKEN", "0123456789abcdef0123"),
+            ],
+        )
+        .expect("valid");
+        assert_eq!(c.audit.url.display_safe(), "sqlite://./x/audit.db");
+        assert!(c.admin.token.is_some());
+        assert_eq!(c.audit.text, crate::audit::TextMode::None);
+    }
+
+    #[test]
     fn missing_config_file_is_a_clear_error() {
         let err = Config::from_sources(&Sources {
             file: Some(PathBuf::from("/nonexistent/carewall.toml")),

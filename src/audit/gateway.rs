@@ -134,3 +134,123 @@ pub fn default_thresholds(set: &PolicySet) -> [Option<f32>; 8] {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::SystemTime;
+
+    use super::*;
+    use crate::config::ModerationConfig;
+    use crate::moderation::verdict::WouldHave;
+    use crate::moderation::{ClientIdentity, ExchangeOutcome, Timings, Verdict};
+    use crate::policy::Action;
+
+    fn policies() -> PolicySet {
+        let m = ModerationConfig {
+            enabled: true,
+            policy: "default".into(),
+            policies_dir: std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("policies"),
+            header_policies: Default::default(),
+            max_concurrent_classifications: 1,
+        };
+        PolicySet::load(&m).unwrap_or_else(|e| panic!("shipped policies: {e}"))
+    }
+
+    fn exchange(action: Action, mode: Option<Mode>, shadow: Vec<WouldHave>) -> ExchangeRecord {
+        let set = policies();
+        let Some(policy) = set.default_policy() else {
+            panic!("default policy")
+        };
+        let mut scores = [0.01; 8];
+        scores[Category::ToxicLanguage.id()] = 0.93;
+        ExchangeRecord {
+            verdict: Verdict {
+                request_id: "rid-1".into(),
+                policy: "default".into(),
+                policy_version: "3".into(),
+                streaming: Some(StreamMode::Window),
+                category: Category::ToxicLanguage,
+                flagged: mode.is_some(),
+                action,
+                mode,
+                scores: Some(Scores(scores)),
+                shadow,
+                classifier: "keyword".into(),
+                classifications: 2,
+                retries: 0,
+                error: None,
+                flagged_categories: vec![Category::ToxicLanguage],
+            },
+            outcome: ExchangeOutcome::Completed,
+            model: Some("m".into()),
+            stream: true,
+            context: "[seeker]hi".into(),
+            upstream_text: "you idiot".into(),
+            delivered_text: "safe reply".into(),
+            timings: Timings {
+                started_at: SystemTime::UNIX_EPOCH,
+                total: Duration::from_millis(900),
+                upstream_first_byte: Some(Duration::from_millis(300)),
+                classify_total: Duration::from_millis(40),
+            },
+            client: ClientIdentity {
+                key_id: Some("key-00".into()),
+                conversation: Some("conv".into()),
+            },
+            policy,
+        }
+    }
+
+    #[test]
+    fn enforced_block_is_recorded_with_the_upstream_text() {
+        let ex = exchange(Action::Block, Some(Mode::Enforce), vec![]);
+        let (action, shadow) = audited_action(&ex);
+        assert_eq!((action.as_str(), shadow), ("block", false));
+        let r = audit_record(ex, action, shadow);
+        assert_eq!(r.request_id, "rid-1");
+        assert_eq!(r.response, "[supporter]you idiot");
+        assert_eq!(r.streaming, "window");
+        assert_eq!(r.tenant.as_deref(), Some("key-00"));
+        assert_eq!(r.conversation_key.as_deref(), Some("conv"));
+        assert_eq!(r.threshold, Some(0.4));
+        assert_eq!(r.latency.classifier_ms, Some(40.0));
+        // A stream overlaps upstream and gateway time.
+        assert_eq!(r.latency.added_ms, None);
+        assert!(r.is_flagged());
+    }
+
+    #[test]
+    fn shadow_finding_records_what_would_have_happened() {
+        let would = WouldHave {
+            category: Category::UnamiableJudgment,
+            score: 0.8,
+            action: Action::Replace,
+        };
+        let ex = exchange(Action::Allow, Some(Mode::Shadow), vec![would]);
+        let (action, shadow) = audited_action(&ex);
+        assert_eq!((action.as_str(), shadow), ("replace", true));
+        let r = audit_record(ex, action, shadow);
+        assert_eq!(r.category, Category::UnamiableJudgment);
+        assert!(r.is_flagged(), "shadow findings are always recorded");
+    }
+
+    #[test]
+    fn allowed_response_is_not_flagged_and_plain_requests_get_added_latency() {
+        let mut ex = exchange(Action::Allow, None, vec![]);
+        ex.stream = false;
+        ex.verdict.streaming = None;
+        let (action, shadow) = audited_action(&ex);
+        let r = audit_record(ex, action, shadow);
+        assert!(!r.is_flagged());
+        assert_eq!(r.streaming, "none");
+        assert_eq!(r.latency.upstream_ms, Some(300.0));
+        assert_eq!(r.latency.added_ms, Some(600.0));
+    }
+
+    #[test]
+    fn thresholds_follow_the_default_policy() {
+        let t = default_thresholds(&policies());
+        assert_eq!(t[Category::ToxicLanguage.id()], Some(0.4));
+        assert_eq!(t[Category::SafeResponse.id()], None);
+    }
+}
