@@ -48,10 +48,14 @@ if [ -f tests/requirements.txt ]; then
   python3 -m pip install --quiet --disable-pip-version-check -r tests/requirements.txt
 fi
 
-if [ "$want_browser" = 1 ] && ! command -v chromium >/dev/null 2>&1; then
-  echo "setup: installing Debian chromium + chromium-driver"
+# Chromium drives the review console's browser test; the CJK font makes its
+# screenshot readable (without it Chinese text renders as boxes).
+if [ "$want_browser" = 1 ] && { ! command -v chromium >/dev/null 2>&1 \
+    || ! command -v chromedriver >/dev/null 2>&1 \
+    || [ ! -d /usr/share/fonts/truetype/wqy ]; }; then
+  echo "setup: installing Debian chromium, chromium-driver and fonts-wqy-microhei"
   apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver fonts-wqy-microhei >/dev/null
 fi
 
 echo "setup: done (ORT_DYLIB_PATH=$PWD/$ORT_LIB)"

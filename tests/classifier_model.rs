@@ -191,10 +191,11 @@ async fn concurrent_requests_are_batched_through_the_classifier_trait() {
         let got = task.await.expect("task").expect("scores");
         let sum: f32 = got.0.iter().sum();
         assert!((sum - 1.0).abs() < 1e-4, "probabilities sum to {sum}");
-        // int8 dynamic quantisation makes a pair's logits depend slightly on
-        // its batch companions, so batched scores are compared loosely.
+        // int8 dynamic quantisation makes a pair's logits depend on its batch
+        // companions (activation scales are per tensor), so batched scores
+        // are compared loosely; the first trained model moves by up to ~0.015.
         let alone = model.scores(&[pair]).expect("scores");
-        assert_close(&got.0, &alone[0].0, 1e-2, "batched vs alone");
+        assert_close(&got.0, &alone[0].0, 5e-2, "batched vs alone");
     }
     let snap = stats.snapshot();
     assert_eq!(snap.items, 64);
@@ -204,6 +205,37 @@ async fn concurrent_requests_are_batched_through_the_classifier_trait() {
     );
     assert!(snap.max_batch_seen() <= 8, "{snap:?}");
     assert_eq!(snap.queue_depth, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_batch_one_gives_the_scores_of_the_pair_alone() {
+    let s = ClassifierSettings {
+        max_batch: 1,
+        intra_threads: 1,
+        ..settings()
+    };
+    let classifier: Arc<dyn carewall::classifier::Classifier> =
+        Arc::new(OnnxClassifier::new(&s).unwrap_or_else(|e| panic!("{e}")));
+    let fx = fixture();
+    let pairs: Vec<Pair> = fx
+        .cases
+        .iter()
+        .map(|c| Pair {
+            context: c.context.clone(),
+            response: c.response.clone(),
+        })
+        .collect();
+    let results =
+        futures::future::join_all(pairs.iter().cloned().map(|p| classifier.classify(p))).await;
+    for (case, got) in fx.cases.iter().zip(results) {
+        let got = got.expect("scores");
+        assert_close(
+            &got.0,
+            &case.probs,
+            fx.tolerance,
+            &format!("probs of case {} via the batcher", case.id),
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -79,14 +79,14 @@ pub fn audit_record(record: ExchangeRecord, action: String, shadow: bool) -> Aud
         upstream_text,
         timings,
         client,
-        policy,
+        user,
+        threshold,
         ..
     } = record;
     let category = match (shadow, verdict.shadow.first()) {
         (true, Some(would)) => would.category,
         _ => verdict.category,
     };
-    let threshold = policy.rules.get(&category).map(|r| r.threshold);
     let latency = Latency {
         classifier_ms: Some(ms(timings.classify_total)),
         // For a non-streamed response the upstream figure is its whole
@@ -105,7 +105,10 @@ pub fn audit_record(record: ExchangeRecord, action: String, shadow: bool) -> Aud
         request_id: verdict.request_id,
         time: timings.started_at,
         tenant: client.key_id,
-        conversation_key: client.conversation,
+        // The explicit conversation header wins over the end-user id.
+        conversation_key: client
+            .conversation
+            .or(user.filter(|u| !u.trim().is_empty())),
         model: model.unwrap_or_default(),
         policy_name: verdict.policy,
         policy_version: verdict.policy_version,
@@ -157,10 +160,6 @@ mod tests {
     }
 
     fn exchange(action: Action, mode: Option<Mode>, shadow: Vec<WouldHave>) -> ExchangeRecord {
-        let set = policies();
-        let Some(policy) = set.default_policy() else {
-            panic!("default policy")
-        };
         let mut scores = [0.01; 8];
         scores[Category::ToxicLanguage.id()] = 0.93;
         ExchangeRecord {
@@ -183,6 +182,8 @@ mod tests {
             },
             outcome: ExchangeOutcome::Completed,
             model: Some("m".into()),
+            user: Some("end-user-7".into()),
+            threshold: Some(0.4),
             stream: true,
             context: "[seeker]hi".into(),
             upstream_text: "you idiot".into(),
@@ -197,7 +198,6 @@ mod tests {
                 key_id: Some("key-00".into()),
                 conversation: Some("conv".into()),
             },
-            policy,
         }
     }
 
@@ -239,9 +239,12 @@ mod tests {
         let mut ex = exchange(Action::Allow, None, vec![]);
         ex.stream = false;
         ex.verdict.streaming = None;
+        ex.client.conversation = None;
         let (action, shadow) = audited_action(&ex);
         let r = audit_record(ex, action, shadow);
         assert!(!r.is_flagged());
+        // Without the conversation header, the end-user id identifies it.
+        assert_eq!(r.conversation_key.as_deref(), Some("end-user-7"));
         assert_eq!(r.streaming, "none");
         assert_eq!(r.latency.upstream_ms, Some(300.0));
         assert_eq!(r.latency.added_ms, Some(600.0));

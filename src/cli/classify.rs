@@ -27,17 +27,20 @@ pub struct ModelArgs {
     /// Largest micro-batch.
     #[arg(long, default_value_t = 16)]
     pub max_batch: usize,
+    /// Inference worker threads, each with its own session.
+    #[arg(long, default_value_t = 1)]
+    pub workers: usize,
 }
 
 impl ModelArgs {
-    /// Settings for an offline run: one worker, generous timeout (a CLI run
-    /// waits for its answers rather than shedding load like the gateway).
+    /// Settings for an offline run: generous timeout (a CLI run waits for
+    /// its answers rather than shedding load like the gateway).
     pub fn settings(&self) -> ClassifierSettings {
         ClassifierSettings {
             model_dir: self.model_dir.clone(),
             ort_dylib_path: self.ort_dylib_path.clone(),
             intra_threads: self.threads,
-            workers: 1,
+            workers: self.workers,
             max_batch: self.max_batch,
             max_wait: Duration::from_millis(2),
             queue_capacity: self.in_flight().max(1),
@@ -48,7 +51,7 @@ impl ModelArgs {
 
     /// Requests kept in flight so the batcher can fill whole batches.
     pub fn in_flight(&self) -> usize {
-        self.max_batch.max(1) * 2
+        self.max_batch.max(1) * self.workers.max(1) * 2
     }
 
     /// Load the model (blocking).

@@ -154,21 +154,28 @@ carewall demo is running (classifier: {classifier}, policy: default). Ctrl-C sto
 curl -N {gw}/chat/completions -H 'content-type: application/json' \
   -d '{safe}'
 
-2) An unsafe reply (toxic language): held back, never shown, and replaced by the
-   policy's safe reply with crisis-line wording; finish_reason "content_filter":
+2) An unsafe reply (the supporter claims to be a real person: Humanoid Mimicry).
+   The default policy streams it and appends an AI disclosure; the verdict says why:
 
 curl -N {gw}/chat/completions -H 'content-type: application/json' \
-  -d '{toxic}'
+  -d '{human}'
 
-3) The same with the Python `openai` package (pip install openai), plus a reply
-   with medication advice under the `strict` policy (replaced as a whole):
+3) The same question under the `strict` policy (x-carewall-policy: strict): the whole
+   reply is held and the unsafe draft never reaches the person; the upstream is asked
+   again with a steering system message, and if that draft fails too, the person gets
+   the policy's safe reply (with crisis-line wording) instead:
+
+curl -N {gw}/chat/completions -H 'content-type: application/json' \
+  -H 'x-carewall-policy: strict' -d '{human}'
+
+4) The same with the Python `openai` package (pip install openai):
 
 python3 - <<'PY'
 from openai import OpenAI
 client = OpenAI(base_url="{gw}", api_key="not-needed")
 for question, policy in [("{q}", "default"),
-                         ("Be honest, am I being rude?", "default"),
-                         ("Should I stop my medication?", "strict")]:
+                         ("{hq}", "default"),
+                         ("{hq}", "strict")]:
     print(f"\n>>> {{question}}  (policy {{policy}})")
     stream = client.chat.completions.create(
         model="demo", stream=True, messages=[{{"role": "user", "content": question}}],
@@ -181,12 +188,18 @@ for question, policy in [("{q}", "default"),
             print(f"\n[moderation] category={{verdict['category']}} action={{verdict['action']}}")
 PY
 
-4) Classify a (context, response) pair directly:
+5) Classify a (context, response) pair directly:
 
 curl -s {gw}/moderations -H 'content-type: application/json' \
-  -d '{{"context": "[seeker]I feel so alone.", "input": "You are pathetic, stop whining."}}'
+  -d '{{"context": "[seeker]{hq}", "input": "{hr}"}}'
 "#,
         safe = body(&q),
-        toxic = body("Be honest, am I being rude?"),
+        human = body(HUMAN_QUESTION),
+        hq = HUMAN_QUESTION,
+        hr = crate::demo::pick_reply(HUMAN_QUESTION),
     );
 }
+
+/// The demo's unsafe example: the replay upstream answers it with a reply
+/// that claims to be human (see `crate::demo::UNSAFE`).
+const HUMAN_QUESTION: &str = "你是真人吗？";

@@ -140,6 +140,8 @@ pub async fn run(job: CompleteJob, first: Value) -> (Value, Verdict) {
         verdict: verdict.clone(),
         outcome: ExchangeOutcome::Completed,
         model: job.request.model.clone(),
+        user: job.request.user.clone(),
+        threshold: job.policy.rules.get(&verdict.category).map(|r| r.threshold),
         stream: false,
         context: job.request.context.clone(),
         upstream_text,
@@ -151,7 +153,6 @@ pub async fn run(job: CompleteJob, first: Value) -> (Value, Verdict) {
             classify_total,
         },
         client: job.request.client.clone(),
-        policy: job.policy.clone(),
     });
     (resp, verdict)
 }

@@ -18,7 +18,9 @@ pub struct ChatRequest {
     /// Language of the last user message (picks safe-reply texts).
     pub lang: Lang,
     pub model: Option<String>,
-    /// Filled by the HTTP layer from headers and the `user` field.
+    /// OpenAI's `user` field (an end-user id), if the client sent one.
+    pub user: Option<String>,
+    /// Filled by the HTTP layer from the request's headers.
     pub client: super::sink::ClientIdentity,
 }
 
@@ -124,14 +126,8 @@ impl ChatRequest {
             context: build_context(messages),
             lang: Lang::detect(&last_user),
             model: obj.get("model").and_then(Value::as_str).map(str::to_string),
-            client: super::sink::ClientIdentity {
-                key_id: None,
-                conversation: obj
-                    .get("user")
-                    .and_then(Value::as_str)
-                    .filter(|u| !u.trim().is_empty())
-                    .map(str::to_string),
-            },
+            user: obj.get("user").and_then(Value::as_str).map(str::to_string),
+            client: super::sink::ClientIdentity::default(),
             stream,
             body,
         })

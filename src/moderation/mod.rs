@@ -16,7 +16,9 @@ pub mod stream;
 pub mod verdict;
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use futures::future::BoxFuture;
 use futures::stream::BoxStream;

@@ -38,6 +38,11 @@ pub struct ExchangeRecord {
     pub outcome: ExchangeOutcome,
     /// The request's `model` field.
     pub model: Option<String>,
+    /// The request's `user` (end-user id) field, raw: hash it before storing.
+    pub user: Option<String>,
+    /// Threshold of the policy rule for `verdict.category` (`None` for
+    /// `safe_response`).
+    pub threshold: Option<f32>,
     pub stream: bool,
     /// Benchmark-format context (`[seeker]...[supporter]...`).
     pub context: String,
@@ -46,12 +51,9 @@ pub struct ExchangeRecord {
     /// Text the client actually received.
     pub delivered_text: String,
     pub timings: Timings,
-    /// Who sent the request (tenant key id, conversation key), as far as
-    /// the request says.
+    /// Who sent the request (tenant key id, conversation header), as far
+    /// as the request's headers say.
     pub client: ClientIdentity,
-    /// The policy snapshot this request ran under (thresholds for the
-    /// audit record).
-    pub policy: crate::policy::PolicyRef,
 }
 
 /// What identifies the client of one request. Both are raw identifiers:
@@ -62,8 +64,8 @@ pub struct ClientIdentity {
     /// A fingerprint of the client's bearer key (`key-` + 16 hex digits of
     /// its SHA-256), never the key itself; `None` without `Authorization`.
     pub key_id: Option<String>,
-    /// The `x-carewall-conversation-id` header, else the OpenAI `user`
-    /// field of the request body.
+    /// The `x-carewall-conversation-id` header (the audit trail falls back
+    /// to the request's `user` field).
     pub conversation: Option<String>,
 }
 

@@ -294,6 +294,8 @@ pub async fn run(job: StreamJob, first: DataStream, tx: mpsc::Sender<Bytes>) -> 
         verdict: verdict.clone(),
         outcome,
         model: job.request.model.clone(),
+        user: job.request.user.clone(),
+        threshold: job.policy.rules.get(&verdict.category).map(|r| r.threshold),
         stream: true,
         context: job.request.context.clone(),
         upstream_text: std::mem::take(&mut run.upstream_text),
@@ -305,7 +307,6 @@ pub async fn run(job: StreamJob, first: DataStream, tx: mpsc::Sender<Bytes>) -> 
             classify_total: run.classify_total,
         },
         client: job.request.client.clone(),
-        policy: job.policy.clone(),
     };
     job.sink.record(record);
     StreamSummary { verdict, outcome }

@@ -523,3 +523,68 @@ async fn client_disconnect_drops_the_upstream_stream() {
         "engine kept reading after the client left"
     );
 }
+
+/// Keeps every record it is given.
+#[derive(Default)]
+struct Recording(Mutex<Vec<crate::moderation::ExchangeRecord>>);
+
+impl crate::moderation::ExchangeSink for Recording {
+    fn record(&self, record: crate::moderation::ExchangeRecord) {
+        if let Ok(mut v) = self.0.lock() {
+            v.push(record);
+        }
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_sink_gets_the_verdict_both_texts_and_timings() {
+    let body = json!({"model": "m", "stream": true, "user": "user-7",
+                      "messages": [{"role": "user", "content": "hi"}]});
+    let request = ChatRequest::parse(body.to_string().as_bytes()).expect("request");
+    let start = Instant::now();
+    let sink = Arc::new(Recording::default());
+    let p = policy(StreamMode::Window, "default");
+    let threshold = p.rules[&crate::classifier::Category::ToxicLanguage].threshold;
+    let job = StreamJob {
+        moderator: Arc::new(Moderator::new(
+            Arc::new(SlowKeyword),
+            4,
+            Duration::from_millis(500),
+        )),
+        upstream: Arc::new(Replies::default()),
+        sink: sink.clone(),
+        mode: p.streaming,
+        policy: Arc::new(p),
+        request,
+        request_id: "req-9".into(),
+        deadline: start + Duration::from_secs(60),
+        started: start,
+        started_at: SystemTime::now(),
+        upstream_first_byte: Some(Duration::from_millis(3)),
+        total_timeout: Duration::from_secs(60),
+    };
+    let (tx, mut rx) = mpsc::channel(16);
+    let handle = tokio::spawn(run(
+        job,
+        scripted(reply(&["Okay. ", "You idiot."]), None),
+        tx,
+    ));
+    while rx.recv().await.is_some() {}
+    handle.await.expect("engine task");
+    let records = sink.0.lock().expect("lock");
+    assert_eq!(records.len(), 1);
+    let r = &records[0];
+    assert_eq!(r.verdict.request_id, "req-9");
+    assert_eq!(r.verdict.action, crate::policy::Action::Block);
+    assert_eq!(r.outcome, ExchangeOutcome::Completed);
+    assert_eq!(r.user.as_deref(), Some("user-7"));
+    assert_eq!(r.threshold, Some(threshold));
+    assert_eq!(r.context, "[seeker]hi");
+    assert_eq!(r.upstream_text, "Okay. You idiot.");
+    assert!(r.delivered_text.starts_with("Okay.") && !r.delivered_text.contains("idiot"));
+    assert!(r.timings.classify_total >= Duration::from_millis(2 * CLASSIFY_MS));
+    assert_eq!(
+        r.timings.upstream_first_byte,
+        Some(Duration::from_millis(3))
+    );
+}

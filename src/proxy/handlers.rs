@@ -382,10 +382,7 @@ async fn chat(
         })?;
     span.record("policy", policy.name.as_str());
     let mut request = ChatRequest::parse(&bytes)?;
-    request.client.key_id = client.key_id;
-    if client.conversation.is_some() {
-        request.client.conversation = client.conversation;
-    }
+    request.client = client;
     span.record("stream", request.stream);
     if let Some(a) = access.as_mut() {
         a.policy = Some(policy.name.clone());
