@@ -169,6 +169,20 @@ async fn flagged_responses_reach_the_review_api(gw: &Gateway) -> Vec<String> {
         .map(|i| i["conversation_id"].as_str().unwrap().to_string())
         .collect();
     assert_eq!(convs.len(), 1, "{page}");
+    // The summary judges flags at the live default policy's thresholds.
+    let (status, summary) = admin_get(gw, "/admin/api/summary", Some(TOKEN)).await;
+    assert_eq!(status, 200, "{summary}");
+    let toxic = summary["categories"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["category"] == "toxic_language")
+        .unwrap();
+    assert!(
+        (toxic["threshold"].as_f64().unwrap() - 0.4).abs() < 1e-6,
+        "{toxic}"
+    );
+    assert_eq!(toxic["flagged"], 2, "{toxic}");
     ids
 }
 
