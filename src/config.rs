@@ -34,6 +34,8 @@ pub const SECTIONS: &[&str] = &[
     "classifier",
     "logging",
     "telemetry",
+    "audit",
+    "admin",
 ];
 
 /// Everything that was wrong with a configuration, one line per problem,
@@ -52,6 +54,10 @@ pub struct Config {
     pub logging: LoggingConfig,
     /// `[telemetry]`: OTLP export and `/metrics` (see `crate::telemetry`).
     pub telemetry: crate::telemetry::TelemetrySettings,
+    /// `[audit]`: the audit trail (see [`crate::audit`]).
+    pub audit: crate::audit::AuditSettings,
+    /// `[admin]`: the review API's token.
+    pub admin: crate::audit::AdminSettings,
 }
 
 /// `[server]`.
@@ -316,6 +322,8 @@ impl Config {
         let logging: RawLogging = section(&mut top, "logging", &mut errors);
         let telemetry: crate::telemetry::RawTelemetrySettings =
             section(&mut top, "telemetry", &mut errors);
+        let audit: crate::audit::RawAuditSection = section(&mut top, "audit", &mut errors);
+        let admin: crate::audit::RawAdminSection = section(&mut top, "admin", &mut errors);
 
         let server = validate_server(server, &mut errors);
         let upstream = validate_upstream(upstream, &env, &mut errors);
@@ -326,6 +334,20 @@ impl Config {
             errors.extend(es.iter().map(ToString::to_string));
             crate::telemetry::TelemetrySettings::default()
         });
+        // Relative audit paths (SQLite file, key files) are next to the
+        // config file, so a deployment's data stays beside its config.
+        let base_dir = config_dir(src.file.as_deref());
+        let env_of = |k: &str| env.get(k).filter(|v| !v.is_empty()).cloned();
+        let audit = crate::audit::AuditSettings::from_raw(&audit, &base_dir, &env_of)
+            .unwrap_or_else(|e| {
+                errors.extend(e.0);
+                crate::audit::AuditSettings::defaults(&base_dir)
+            });
+        let admin = crate::audit::AdminSettings::from_raw(&admin, &base_dir, &env_of)
+            .unwrap_or_else(|e| {
+                errors.extend(e.0);
+                crate::audit::AdminSettings::default()
+            });
 
         Ok((
             Config {
@@ -335,9 +357,19 @@ impl Config {
                 classifier,
                 logging,
                 telemetry,
+                audit,
+                admin,
             },
             errors,
         ))
+    }
+}
+
+/// The folder of the config file (the working directory without one).
+pub fn config_dir(file: Option<&Path>) -> PathBuf {
+    match file.and_then(Path::parent) {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
     }
 }
 
@@ -765,6 +797,43 @@ mod tests {
                     && e.ends_with("foo.toml; known: default, strict")),
             "{err}"
         );
+    }
+
+    #[test]
+    fn audit_and_admin_problems_are_collected_with_the_rest() {
+        let errs = errors_of(
+            "[server]\nlisten = \"x\"\n[audit]\ntext = \"full\"\nflush_interval_ms = 0\n[admin]\ntoken = \"short\"\n",
+            &[],
+        );
+        for key in [
+            "server.listen:",
+            "audit.text",
+            "audit.flush_interval_ms:",
+            "admin.token:",
+        ] {
+            assert!(
+                errs.iter().any(|e| e.starts_with(key)),
+                "missing {key} in {errs:?}"
+            );
+        }
+        let errs = errors_of("[audit]\nbogus = 1\n", &[]);
+        assert!(
+            errs.iter()
+                .any(|e| e.starts_with("audit") && e.contains("bogus")),
+            "{errs:?}"
+        );
+        // Env names the spec fixes; the SQLite file defaults to the config's folder.
+        let c = load(
+            "",
+            &[
+                ("CAREWALL__AUDIT__URL", "sqlite://x/audit.db"),
+                ("CAREWALL__ADMIN__TOKEN", "0123456789abcdef0123"),
+            ],
+        )
+        .expect("valid");
+        assert_eq!(c.audit.url.display_safe(), "sqlite://./x/audit.db");
+        assert!(c.admin.token.is_some());
+        assert_eq!(c.audit.text, crate::audit::TextMode::None);
     }
 
     #[test]

@@ -15,6 +15,9 @@ use carewall::classifier::Category;
 fn carewall(args: &[&str], env: &[(&str, &str)]) -> Output {
     let mut c = Command::new(env!("CARGO_BIN_EXE_carewall"));
     c.args(args);
+    // Away from the repository, so config/carewall.toml is not picked up
+    // as the default configuration.
+    c.current_dir(std::env::temp_dir());
     for v in ["CAREWALL__AUDIT__URL", "CAREWALL__AUDIT__ENCRYPTION_KEY"] {
         c.env_remove(v);
     }

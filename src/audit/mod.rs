@@ -17,6 +17,7 @@
 
 pub mod crypto;
 pub mod export;
+pub mod gateway;
 pub mod pseudonym;
 pub mod record;
 pub mod redact;

@@ -11,11 +11,19 @@ use crate::audit::crypto::{Key, Keyring};
 use crate::audit::export::reviewed_jsonl;
 use crate::audit::record::{parse_category, parse_time, rfc3339, unix_ms};
 use crate::audit::store::{open_store, AuditStore, ListFilter};
-use crate::audit::StoreUrl;
+use crate::audit::{AuditSettings, StoreUrl};
+use crate::config::Config;
 
-/// Where the store is and how to open its text.
+/// Where the store is and how to open its text. `--url`/`--key` (or their
+/// environment variables) win; what they leave open comes from the
+/// gateway's configuration file, so `carewall audit list` on the gateway's
+/// host reads the gateway's own store with its own key.
 #[derive(Debug, clap::Args)]
 pub struct StoreArgs {
+    /// The gateway's configuration file, for `[audit]` url and keys
+    /// (default: config/carewall.toml if it exists).
+    #[arg(long, short)]
+    pub config: Option<PathBuf>,
     /// Audit store: `sqlite://PATH` or `postgres://...`.
     #[arg(long, env = "CAREWALL__AUDIT__URL", hide_env_values = true)]
     pub url: Option<String>,
@@ -124,15 +132,44 @@ pub fn run(args: AuditArgs) -> anyhow::Result<()> {
     })
 }
 
+/// The `[audit]` settings of the configuration file: the one `--config`
+/// names (its problems are errors), or config/carewall.toml when present.
+fn configured(args: &StoreArgs) -> anyhow::Result<Option<AuditSettings>> {
+    let sources = Config::sources(args.config.as_deref());
+    if sources.file.is_none() {
+        return Ok(None);
+    }
+    let config = Config::from_sources(&sources).map_err(|e| {
+        anyhow::anyhow!(
+            "{e}\n(read from {}; pass --config FILE, or --url and --key)",
+            sources
+                .file
+                .as_deref()
+                .map_or_else(|| "?".into(), |p| p.display().to_string())
+        )
+    })?;
+    Ok(Some(config.audit))
+}
+
 async fn open(args: &StoreArgs) -> anyhow::Result<std::sync::Arc<dyn AuditStore>> {
-    let Some(url) = &args.url else {
-        bail!("no audit store given: pass --url sqlite://PATH or --url postgres://..., or set CAREWALL__AUDIT__URL");
+    let url = match &args.url {
+        Some(url) => {
+            StoreUrl::parse(url, Path::new(".")).map_err(|e| anyhow::anyhow!("--url: {e}"))?
+        }
+        None => match configured(args)? {
+            Some(audit) => audit.url,
+            None => bail!("no audit store given: pass --config FILE (the gateway's configuration), --url sqlite://PATH or --url postgres://..., or set CAREWALL__AUDIT__URL"),
+        },
     };
-    let url = StoreUrl::parse(url, Path::new(".")).map_err(|e| anyhow::anyhow!("--url: {e}"))?;
     if let StoreUrl::Sqlite(p) = &url {
         // Opening would create an empty database; a typo should not.
         if !p.exists() {
-            bail!("--url: no audit database at {}", p.display());
+            let from = if args.url.is_some() {
+                "--url"
+            } else {
+                "audit.url (from the configuration)"
+            };
+            bail!("{from}: no audit database at {}", p.display());
         }
     }
     Ok(open_store(&url).await?)
@@ -153,7 +190,17 @@ fn keyring(args: &StoreArgs) -> anyhow::Result<Option<Keyring>> {
                 "--previous-key needs a current key too (--key or CAREWALL__AUDIT__ENCRYPTION_KEY)"
             );
         }
-        return Ok(None);
+        // The configured keys (current and previous), when there is a
+        // configuration; with --url but a broken default config, go on
+        // without text rather than refuse to list.
+        return match configured(args) {
+            Ok(audit) => Ok(audit.and_then(|a| a.keyring)),
+            Err(e) if args.config.is_none() && args.url.is_some() => {
+                eprintln!("warning: no key from the configuration: {e}");
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        };
     };
     let mut ring = Keyring::new(Key::from_base64(&text, "--key")?);
     for (i, k) in args.previous_keys.iter().enumerate() {
@@ -253,7 +300,7 @@ async fn show(a: ShowArgs) -> anyhow::Result<()> {
 async fn export(a: ExportArgs) -> anyhow::Result<()> {
     let ring = keyring(&a.store)?;
     if ring.is_none() {
-        bail!("export needs the encryption key to open the text: pass --key or set CAREWALL__AUDIT__ENCRYPTION_KEY");
+        bail!("export needs the encryption key to open the text: pass --key, set CAREWALL__AUDIT__ENCRYPTION_KEY, or --config FILE with audit.encryption_key_file");
     }
     let store = open(&a.store).await?;
     let e = reviewed_jsonl(

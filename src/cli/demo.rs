@@ -2,13 +2,13 @@
 //! with copy-paste commands to try it.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
 
+use crate::audit::{AdminSettings, AuditSettings, RawAuditSection};
 use crate::config::Config;
-use crate::moderation::NoopSink;
 
 #[derive(Debug, clap::Args)]
 pub struct DemoArgs {
@@ -51,7 +51,10 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
     );
     let mut sources = Config::sources(None);
     sources.inline_toml = Some(inline);
-    let (config, policies) = Config::load_all(&sources)?;
+    let (mut config, policies) = Config::load_all(&sources)?;
+    let demo_audit = DemoAudit::create()?;
+    config.audit = demo_audit.settings.clone();
+    config.admin = demo_audit.admin.clone();
     if args.classifier == "onnx" && !config.classifier.model_dir.join("model.onnx").is_file() {
         anyhow::bail!(
             "the ONNX model is not at {} (run `bash scripts/setup.sh`, or try the demo without it: \
@@ -61,17 +64,77 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
     }
     let telemetry = crate::logging::init(&config)?;
     let classifier = args.classifier.clone();
-    let served = super::serve::serve(
+    let token = demo_audit.admin.token.clone().unwrap_or_default();
+    let served = super::serve::serve_audited(
         config,
         policies,
-        Arc::new(NoopSink),
         super::serve::shutdown_signal(),
-        move |addr| print_instructions(addr, upstream, &classifier),
+        move |addr| {
+            print_instructions(addr, upstream, &classifier);
+            println!(
+                "6) Every flagged reply above is in the audit trail. Review it in the console\n   \
+                 http://{addr}/admin  (admin token: {token})\n   \
+                 or: curl -s http://{addr}/admin/api/records -H 'authorization: Bearer {token}'\n"
+            );
+        },
     )
     .await;
+    demo_audit.remove();
     // The flush blocks (HTTP export), so off the async workers.
     let _ = tokio::task::spawn_blocking(move || crate::logging::shutdown(telemetry)).await;
     served
+}
+
+/// The demo's own audit trail: a SQLite file in a fresh temporary folder,
+/// an encryption key and an admin token made up at start and held only in
+/// memory, full text. The demo's conversations are scripted, the key dies
+/// with the process and the folder is removed at exit, so showing the
+/// console with readable text costs no privacy; the configured `[audit]`
+/// store (and its key) is deliberately not used, so a demo never writes
+/// into a deployment's audit trail.
+struct DemoAudit {
+    dir: PathBuf,
+    settings: AuditSettings,
+    admin: AdminSettings,
+}
+
+impl DemoAudit {
+    fn create() -> anyhow::Result<DemoAudit> {
+        use base64::Engine as _;
+        use chacha20poly1305::aead::rand_core::RngCore as _;
+        use chacha20poly1305::aead::OsRng;
+        let dir = std::env::temp_dir().join(format!("carewall-demo-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)
+            .with_context(|| format!("creating the demo's audit folder {}", dir.display()))?;
+        let mut key = [0u8; 32];
+        OsRng.fill_bytes(&mut key);
+        let mut token = [0u8; 24];
+        OsRng.fill_bytes(&mut token);
+        let raw = RawAuditSection {
+            url: Some("sqlite://demo-audit.db".into()),
+            encryption_key: Some(base64::engine::general_purpose::STANDARD.encode(key)),
+            text: Some("full".into()),
+            flush_interval_ms: Some(100),
+            ..RawAuditSection::default()
+        };
+        let none = |_: &str| None;
+        let settings = AuditSettings::from_raw(&raw, &dir, &none)
+            .map_err(|e| anyhow::anyhow!("demo audit settings: {e}"))?;
+        let admin = AdminSettings {
+            token: Some(token.iter().map(|b| format!("{b:02x}")).collect()),
+        };
+        Ok(DemoAudit {
+            dir,
+            settings,
+            admin,
+        })
+    }
+
+    fn remove(&self) {
+        if let Err(e) = std::fs::remove_dir_all(&self.dir) {
+            tracing::warn!(error = %e, dir = %self.dir.display(), "could not remove the demo's audit folder");
+        }
+    }
 }
 
 fn print_instructions(addr: SocketAddr, upstream: SocketAddr, classifier: &str) {

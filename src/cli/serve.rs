@@ -6,6 +6,9 @@ use std::sync::Arc;
 
 use anyhow::Context;
 
+use crate::admin::AdminState;
+use crate::audit::gateway::{default_thresholds, GatewayAuditSink};
+use crate::audit::AuditSink;
 use crate::classifier::{self, Classifier, ClassifyError, ClassifyFuture, Pair};
 use crate::config::Config;
 use crate::moderation::{ExchangeSink, NoopSink};
@@ -26,17 +29,70 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    let served = rt.block_on(serve(
-        config,
-        policies,
-        Arc::new(NoopSink),
-        shutdown_signal(),
-        |_| {},
-    ));
-    // Last in the shutdown sequence: in-flight requests have drained, so
-    // their spans and metrics are all buffered. Blocking, hence outside
-    // the runtime.
+    let served = rt.block_on(serve_audited(config, policies, shutdown_signal(), |_| {}));
+    // Last in the shutdown sequence: in-flight requests have drained and the
+    // audit queue is written, so spans and metrics are all buffered.
+    // Blocking, hence outside the runtime.
     crate::logging::shutdown(telemetry);
+    served
+}
+
+/// [`serve`] with the audit trail and the review console as configured
+/// (`[audit]`, `[admin]`): opens the store, records every moderated
+/// exchange, serves `/admin`, and on shutdown (after streams drained)
+/// writes everything still queued and closes the store.
+pub async fn serve_audited(
+    config: Config,
+    policies: PolicySet,
+    shutdown: impl std::future::Future<Output = ()>,
+    on_bound: impl FnOnce(SocketAddr),
+) -> anyhow::Result<()> {
+    let (sink, store) = if config.audit.enabled {
+        let (sink, store) = AuditSink::open(&config.audit).await.with_context(|| {
+            format!(
+                "audit.url: could not open the audit store {} (set audit.enabled = false to run without an audit trail)",
+                config.audit.url.display_safe()
+            )
+        })?;
+        tracing::info!(store = %config.audit.url.display_safe(), text = config.audit.text.as_str(), admin_token = config.admin.token.is_some(), "audit trail on; review console at /admin");
+        (sink, Some(store))
+    } else {
+        tracing::info!("audit trail off (audit.enabled = false)");
+        (AuditSink::disabled(), None)
+    };
+    {
+        // Audit queue depth and drops on /metrics and OTLP.
+        let (depth, dropped) = (sink.clone(), sink.clone());
+        crate::telemetry::metrics().watch_audit(
+            move || depth.stats().queue_depth as usize,
+            move || dropped.stats().dropped,
+        );
+    }
+    let admin = store.as_ref().map(|store| {
+        AdminState::new(store.clone(), config.audit.keyring.clone(), &config.admin)
+            .with_sink(sink.clone())
+    });
+    let exchange: Arc<dyn ExchangeSink> = if sink.is_enabled() {
+        Arc::new(GatewayAuditSink::new(sink.clone()))
+    } else {
+        Arc::new(NoopSink)
+    };
+    let served = serve_with(config, policies, exchange, admin, shutdown, on_bound).await;
+    // Streams have drained (or start-up failed): nothing more is submitted.
+    let stats = sink.shutdown().await;
+    if sink.is_enabled() {
+        tracing::info!(
+            written = stats.written,
+            dropped = stats.dropped,
+            failed = stats.failed,
+            "audit queue drained"
+        );
+    }
+    if let Some(store) = store {
+        if let Err(e) = store.close().await {
+            tracing::error!(error = %e, "closing the audit store failed");
+        }
+    }
     served
 }
 
@@ -79,8 +135,34 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()>,
     on_bound: impl FnOnce(SocketAddr),
 ) -> anyhow::Result<()> {
+    serve_with(config, policies, sink, None, shutdown, on_bound).await
+}
+
+/// [`serve`], also serving the review console and API at `/admin` when
+/// `admin` is given (its summary reads the live default policy's
+/// thresholds, so a SIGHUP reload shows at once).
+pub async fn serve_with(
+    config: Config,
+    policies: PolicySet,
+    sink: Arc<dyn ExchangeSink>,
+    admin: Option<AdminState>,
+    shutdown: impl std::future::Future<Output = ()>,
+    on_bound: impl FnOnce(SocketAddr),
+) -> anyhow::Result<()> {
     let classifier = build_classifier(&config)?;
     let state = AppState::new(config, policies, classifier, sink)?;
+    if let Some(admin) = admin {
+        // Weak: the state owns the admin state, which must not keep the
+        // state alive.
+        let weak = Arc::downgrade(&state);
+        let admin = admin.with_thresholds(Arc::new(move || {
+            weak.upgrade()
+                .map(|s| default_thresholds(&s.policies.load()))
+                .unwrap_or([None; 8])
+        }));
+        // Fresh state: the cell is empty.
+        let _ = state.admin.set(admin);
+    }
     let listener = proxy::bind(&state.config.server).await?;
     let addr = listener.local_addr().context("reading the bound address")?;
     let scheme = if state.config.server.tls.is_some() {

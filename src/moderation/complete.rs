@@ -170,6 +170,7 @@ pub async fn run(job: CompleteJob, first: Value) -> (Value, Verdict) {
             upstream_first_byte: job.upstream_first_byte,
             classify_total,
         },
+        client: job.request.client.clone(),
     });
     (resp, verdict)
 }

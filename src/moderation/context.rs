@@ -20,6 +20,8 @@ pub struct ChatRequest {
     pub model: Option<String>,
     /// OpenAI's `user` field (an end-user id), if the client sent one.
     pub user: Option<String>,
+    /// Filled by the HTTP layer from the request's headers.
+    pub client: super::sink::ClientIdentity,
 }
 
 /// Text of a message's `content`: a string, or the `text` parts of an array.
@@ -125,6 +127,7 @@ impl ChatRequest {
             lang: Lang::detect(&last_user),
             model: obj.get("model").and_then(Value::as_str).map(str::to_string),
             user: obj.get("user").and_then(Value::as_str).map(str::to_string),
+            client: super::sink::ClientIdentity::default(),
             stream,
             body,
         })

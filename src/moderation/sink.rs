@@ -51,6 +51,22 @@ pub struct ExchangeRecord {
     /// Text the client actually received.
     pub delivered_text: String,
     pub timings: Timings,
+    /// Who sent the request (tenant key id, conversation header), as far
+    /// as the request's headers say.
+    pub client: ClientIdentity,
+}
+
+/// What identifies the client of one request. Both are raw identifiers:
+/// the audit sink hashes them before anything is stored, and they never go
+/// into a log line.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ClientIdentity {
+    /// A fingerprint of the client's bearer key (`key-` + 16 hex digits of
+    /// its SHA-256), never the key itself; `None` without `Authorization`.
+    pub key_id: Option<String>,
+    /// The `x-carewall-conversation-id` header (the audit trail falls back
+    /// to the request's `user` field).
+    pub conversation: Option<String>,
 }
 
 /// Receives every moderated exchange. Called on the request's task right

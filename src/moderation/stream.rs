@@ -316,6 +316,7 @@ pub async fn run(job: StreamJob, first: DataStream, tx: mpsc::Sender<Bytes>) -> 
             upstream_first_byte: job.upstream_first_byte,
             classify_total: run.classify_total,
         },
+        client: job.request.client.clone(),
     };
     job.sink.record(record);
     job.probe.set_verdict(

@@ -20,7 +20,7 @@ use super::AppState;
 use crate::classifier::Category;
 use crate::error::GatewayError;
 use crate::moderation::context::{build_context, content_text, response_text, ChatRequest};
-use crate::moderation::{complete, stream, ChatUpstream, ExchangeOutcome};
+use crate::moderation::{complete, stream, ChatUpstream, ClientIdentity, ExchangeOutcome};
 use crate::policy::StreamMode;
 use crate::telemetry::{RequestProbe, RequestTelemetry, PROMETHEUS_CONTENT_TYPE};
 
@@ -28,6 +28,9 @@ use crate::telemetry::{RequestProbe, RequestTelemetry, PROMETHEUS_CONTENT_TYPE};
 pub const REQUEST_ID_HEADER: &str = "x-carewall-request-id";
 /// Request header choosing a policy through `moderation.header_policies`.
 pub const POLICY_HEADER: &str = "x-carewall-policy";
+/// Request header naming the conversation, for the audit trail's
+/// pseudonymous conversation id (wins over the body's `user` field).
+pub const CONVERSATION_HEADER: &str = "x-carewall-conversation-id";
 /// How long a client may take to send its request body.
 const BODY_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
@@ -91,6 +94,12 @@ async fn route(
 ) -> Result<Response<Body>, GatewayError> {
     let path = req.uri().path().to_string();
     let tel = probe.clone().unwrap_or_default();
+    if crate::admin::matches(&path) {
+        if let Some(admin) = state.admin.get() {
+            let resp = crate::admin::handle(req, admin).await;
+            return Ok(resp.map(|b| b.map_err(|never| match never {}).boxed_unsync()));
+        }
+    }
     match (req.method(), path.as_str()) {
         (&Method::GET, "/healthz") => Ok(json_response(StatusCode::OK, &json!({"status": "ok"}))),
         (&Method::GET, "/readyz") => Ok(readyz(state)),
@@ -209,6 +218,33 @@ fn policy_header(req: &Request<Incoming>) -> Result<Option<String>, GatewayError
     }
 }
 
+/// The client's key fingerprint and the conversation header. The key is
+/// hashed here so that only its fingerprint travels further.
+fn client_identity(headers: &http::HeaderMap) -> ClientIdentity {
+    use sha2::{Digest, Sha256};
+    let key_id = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+        .filter(|k| !k.is_empty())
+        .map(|k| {
+            let digest = Sha256::digest(k.as_bytes());
+            let hex: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
+            format!("key-{hex}")
+        });
+    let conversation = headers
+        .get(CONVERSATION_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|c| !c.is_empty())
+        .map(str::to_string);
+    ClientIdentity {
+        key_id,
+        conversation,
+    }
+}
+
 fn declared_length(req: &Request<Incoming>) -> Option<u64> {
     req.headers()
         .get(header::CONTENT_LENGTH)
@@ -300,6 +336,7 @@ async fn chat(
         return Err(GatewayError::NoUpstream);
     }
     let policy_header = policy_header(&req)?;
+    let client = client_identity(req.headers());
     let headers = forward_headers(req.headers());
     let declared = declared_length(&req);
     let bytes = read_body(
@@ -342,7 +379,8 @@ async fn chat(
                 None,
             )
         })?;
-    let request = ChatRequest::parse(&bytes)?;
+    let mut request = ChatRequest::parse(&bytes)?;
+    request.client = client;
     tel.set_request(request.model.as_deref().unwrap_or(""), request.stream);
     tel.set_streaming(if request.stream {
         stream_mode_key(policy.streaming)

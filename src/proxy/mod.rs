@@ -37,6 +37,9 @@ pub struct AppState {
     /// Telemetry instruments (`/metrics`); disabled unless
     /// `telemetry::init` ran in this process.
     pub metrics: crate::telemetry::Metrics,
+    /// The review API and console under `/admin`; set once at start-up
+    /// (unset: `/admin` answers 404).
+    pub admin: std::sync::OnceLock<crate::admin::AdminState>,
 }
 
 impl AppState {
@@ -69,6 +72,7 @@ impl AppState {
             upstream,
             sink,
             metrics,
+            admin: std::sync::OnceLock::new(),
         }))
     }
 
