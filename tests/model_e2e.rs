@@ -42,6 +42,17 @@ fn onnx_options(upstream: String) -> GatewayOptions {
         "[classifier]\nkind = \"onnx\"\nmodel_dir = \"{}\"\ntimeout_ms = 10000\n",
         model_dir()
     );
+    // These tests check the gateway's paths with the real model, not the
+    // model's calibration (MODEL_CARD.md reports that): the Humanoid
+    // Mimicry threshold is lowered so the clear-cut example below crosses
+    // it with a margin on any shipped model version.
+    for stem in ["default", "strict"] {
+        opts.policy_patches.push((
+            stem.into(),
+            "[categories.humanoid_mimicry]\nthreshold = ".into(),
+            "[categories.humanoid_mimicry]\nthreshold = 0.3\n# was ".into(),
+        ));
+    }
     opts
 }
 

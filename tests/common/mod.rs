@@ -311,6 +311,8 @@ pub struct GatewayOptions {
     pub server_extra: String,
     /// Extra environment variables.
     pub env: Vec<(String, String)>,
+    /// Text replacements in the written policy files: (file stem, from, to).
+    pub policy_patches: Vec<(String, String, String)>,
 }
 
 impl GatewayOptions {
@@ -321,6 +323,7 @@ impl GatewayOptions {
             upstream_extra: String::new(),
             server_extra: String::new(),
             env: Vec::new(),
+            policy_patches: Vec::new(),
         }
     }
 
@@ -404,6 +407,12 @@ impl Gateway {
         let dir = tempfile::tempdir().expect("tempdir");
         let policies_dir = dir.path().join("policies");
         write_policies(&policies_dir);
+        for (stem, from, to) in &opts.policy_patches {
+            let file = policies_dir.join(format!("{stem}.toml"));
+            let text = std::fs::read_to_string(&file).expect("policy to patch");
+            assert!(text.contains(from.as_str()), "{stem}.toml has no `{from}`");
+            std::fs::write(&file, text.replacen(from.as_str(), to, 1)).expect("patch policy");
+        }
         let cfg = dir.path().join("carewall.toml");
         std::fs::write(&cfg, config_toml(&opts, &policies_dir)).expect("write config");
         let mut cmd = carewall_command();
