@@ -7,8 +7,6 @@ mod otlp;
 #[path = "common/promtext.rs"]
 mod promtext;
 
-use std::io::Write;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use carewall::classifier::Category;
@@ -20,28 +18,9 @@ use otlp::{Attr, OtlpReceiver};
 
 const CLIENT_TRACE: &str = "0af7651916cd43dd8448eb211c80319c";
 
-#[derive(Clone, Default)]
-struct Capture(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Capture {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Capture {
-    type Writer = Capture;
-    fn make_writer(&'a self) -> Capture {
-        self.clone()
-    }
-}
+#[path = "common/capture.rs"]
+mod capture;
+use capture::Capture;
 
 fn access_lines(logs: &Capture) -> Vec<serde_json::Value> {
     let bytes = logs.0.lock().unwrap_or_else(|e| e.into_inner()).clone();
