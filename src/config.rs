@@ -72,6 +72,78 @@ pub struct ServerConfig {
     pub shutdown_grace: Duration,
     /// Serve HTTPS with these PEM files instead of plain HTTP.
     pub tls: Option<TlsFiles>,
+    /// Keys clients must present on `/v1/*` (empty: no client check).
+    pub client_keys: ClientKeys,
+}
+
+/// The keys that may use the gateway's `/v1/*` routes, kept only as SHA-256
+/// digests so that neither the config file nor memory dumps need the keys
+/// themselves. Empty means every client is let through (the default, for
+/// deployments that authenticate in front of the gateway).
+#[derive(Clone, Default)]
+pub struct ClientKeys(Vec<[u8; 32]>);
+
+impl ClientKeys {
+    /// Parse entries of `server.client_keys` / `server.client_keys_file`:
+    /// `sha256:<64 hex digits>` (the digest of a key) or a key itself
+    /// (at least 16 characters). `what` names the source in errors.
+    fn parse(entries: &[(String, String)], errors: &mut Vec<String>) -> ClientKeys {
+        use sha2::{Digest, Sha256};
+        let mut out = Vec::new();
+        for (what, e) in entries {
+            let e = e.trim();
+            if let Some(hex) = e.strip_prefix("sha256:") {
+                match decode_hex32(hex) {
+                    Some(d) => out.push(d),
+                    None => errors.push(format!(
+                        "{what}: `sha256:` must be followed by 64 hex digits (the SHA-256 of the key, e.g. `printf %s KEY | sha256sum`)"
+                    )),
+                }
+            } else if e.chars().count() < 16 {
+                errors.push(format!(
+                    "{what}: a client key must be at least 16 characters (or give its digest as `sha256:<hex>`)"
+                ));
+            } else {
+                out.push(Sha256::digest(e.as_bytes()).into());
+            }
+        }
+        ClientKeys(out)
+    }
+
+    /// Whether client keys are required.
+    pub fn is_enabled(&self) -> bool {
+        !self.0.is_empty()
+    }
+
+    /// Whether `key` is one of the configured keys. Digests are compared in
+    /// constant time and every entry is checked.
+    pub fn accepts(&self, key: &str) -> bool {
+        use sha2::{Digest, Sha256};
+        use subtle::ConstantTimeEq;
+        let d: [u8; 32] = Sha256::digest(key.as_bytes()).into();
+        self.0
+            .iter()
+            .fold(subtle::Choice::from(0), |acc, k| acc | k.ct_eq(&d))
+            .into()
+    }
+}
+
+impl std::fmt::Debug for ClientKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ClientKeys({} keys)", self.0.len())
+    }
+}
+
+fn decode_hex32(s: &str) -> Option<[u8; 32]> {
+    let s = s.trim();
+    if s.len() != 64 || !s.is_ascii() {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, b) in out.iter_mut().enumerate() {
+        *b = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).ok()?;
+    }
+    Some(out)
 }
 
 /// PEM certificate chain and private key for server TLS.
@@ -153,6 +225,8 @@ struct RawServer {
     shutdown_grace_secs: Option<u64>,
     tls_cert_path: Option<PathBuf>,
     tls_key_path: Option<PathBuf>,
+    client_keys: Option<Vec<String>>,
+    client_keys_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -454,11 +528,46 @@ fn validate_server(raw: RawServer, errors: &mut Vec<String>) -> ServerConfig {
             None
         }
     };
+    let mut key_entries: Vec<(String, String)> = raw
+        .client_keys
+        .unwrap_or_default()
+        .into_iter()
+        .enumerate()
+        .map(|(i, k)| (format!("server.client_keys[{i}]"), k))
+        .collect();
+    if let Some(path) = raw.client_keys_file {
+        match std::fs::read_to_string(&path) {
+            Ok(text) => {
+                let before = key_entries.len();
+                for (n, line) in text.lines().enumerate() {
+                    let line = line.trim();
+                    if !line.is_empty() && !line.starts_with('#') {
+                        key_entries.push((
+                            format!("server.client_keys_file {}:{}", path.display(), n + 1),
+                            line.to_string(),
+                        ));
+                    }
+                }
+                if key_entries.len() == before {
+                    errors.push(format!(
+                        "server.client_keys_file: {} holds no key (one key or `sha256:<hex>` per line; `#` starts a comment)",
+                        path.display()
+                    ));
+                }
+            }
+            Err(e) => errors.push(format!(
+                "server.client_keys_file: cannot read {}: {e}",
+                path.display()
+            )),
+        }
+    }
+    let client_keys = ClientKeys::parse(&key_entries, errors);
     ServerConfig {
         listen,
         max_body_bytes: usize::try_from(max_body_bytes).unwrap_or(usize::MAX),
         shutdown_grace: Duration::from_secs(grace),
         tls,
+        client_keys,
     }
 }
 
@@ -796,6 +905,60 @@ mod tests {
                 .any(|e| e.starts_with("moderation.policy: no policy file")
                     && e.ends_with("foo.toml; known: default, strict")),
             "{err}"
+        );
+    }
+
+    #[test]
+    fn client_keys_accept_keys_and_digests_and_name_bad_entries() {
+        let c = load("", &[]).expect("defaults");
+        assert!(!c.server.client_keys.is_enabled());
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("keys");
+        // sha256("abcdefghijklmnop")
+        std::fs::write(
+            &file,
+            "# ops\n\nsha256:f39dac6cbaba535e2c207cd0cd8f154974223c848f727f98b3564cea569b41cf\n",
+        )
+        .expect("write");
+        let c = load(
+            &format!(
+                "[server]\nclient_keys = [\"0123456789abcdef\"]\nclient_keys_file = \"{}\"\n",
+                file.display()
+            ),
+            &[],
+        )
+        .expect("valid keys");
+        let keys = &c.server.client_keys;
+        assert!(keys.is_enabled());
+        assert!(keys.accepts("0123456789abcdef"));
+        assert!(keys.accepts("abcdefghijklmnop"));
+        assert!(!keys.accepts("0123456789abcdeF"));
+        assert!(!keys.accepts(""));
+        assert_eq!(format!("{keys:?}"), "ClientKeys(2 keys)");
+
+        std::fs::write(&file, "# nothing\n").expect("write");
+        let errs = errors_of(
+            &format!(
+                "[server]\nclient_keys = [\"short\", \"sha256:zz\"]\nclient_keys_file = \"{}\"\n",
+                file.display()
+            ),
+            &[],
+        );
+        for want in [
+            "server.client_keys[0]: a client key must be at least 16 characters",
+            "server.client_keys[1]: `sha256:` must be followed by 64 hex digits",
+            "server.client_keys_file: ",
+        ] {
+            assert!(errs.iter().any(|e| e.starts_with(want)), "{want}: {errs:?}");
+        }
+        let errs = errors_of(
+            "",
+            &[("CAREWALL__SERVER__CLIENT_KEYS_FILE", "/nonexistent/keys")],
+        );
+        assert!(
+            errs.iter()
+                .any(|e| e.starts_with("server.client_keys_file: cannot read /nonexistent/keys")),
+            "{errs:?}"
         );
     }
 

@@ -25,6 +25,10 @@ pub enum GatewayError {
         message: String,
         param: Option<String>,
     },
+    /// `server.client_keys` is set and the request's bearer key is missing
+    /// or not one of them.
+    #[error("{0}")]
+    Unauthorized(&'static str),
     #[error("request body is larger than server.max_body_bytes ({limit} bytes)")]
     PayloadTooLarge { limit: usize },
     #[error("no route for {method} {path}; carewall serves POST /v1/chat/completions, GET /v1/models, POST /v1/moderations, GET /healthz, GET /readyz")]
@@ -67,6 +71,7 @@ impl GatewayError {
     pub fn source(&self) -> Source {
         match self {
             GatewayError::BadRequest { .. }
+            | GatewayError::Unauthorized(_)
             | GatewayError::PayloadTooLarge { .. }
             | GatewayError::NotFound { .. }
             | GatewayError::MethodNotAllowed { .. } => Source::Client,
@@ -83,6 +88,7 @@ impl GatewayError {
     pub fn status(&self) -> StatusCode {
         match self {
             GatewayError::BadRequest { .. } => StatusCode::BAD_REQUEST,
+            GatewayError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             GatewayError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             GatewayError::NotFound { .. } => StatusCode::NOT_FOUND,
             GatewayError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
@@ -109,6 +115,7 @@ impl GatewayError {
     pub fn kind(&self) -> &'static str {
         match self {
             GatewayError::BadRequest { .. }
+            | GatewayError::Unauthorized(_)
             | GatewayError::PayloadTooLarge { .. }
             | GatewayError::NotFound { .. }
             | GatewayError::MethodNotAllowed { .. } => "invalid_request_error",
@@ -127,6 +134,7 @@ impl GatewayError {
     pub fn code(&self) -> &'static str {
         match self {
             GatewayError::BadRequest { .. } => "invalid_request",
+            GatewayError::Unauthorized(_) => "invalid_api_key",
             GatewayError::PayloadTooLarge { .. } => "request_too_large",
             GatewayError::NotFound { .. } => "not_found",
             GatewayError::MethodNotAllowed { .. } => "method_not_allowed",

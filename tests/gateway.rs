@@ -1006,3 +1006,76 @@ async fn pass_through_streams_stop_at_the_total_timeout() {
         "a pass-through stream outlived upstream.total_timeout_ms"
     );
 }
+
+#[tokio::test]
+async fn client_keys_guard_the_v1_routes() {
+    let mock = mock_reply(SAFE).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let keys = dir.path().join("client-keys");
+    // One key by digest (sha256 of "team-b-key-0123456789"), one in clear.
+    let digest = {
+        use sha2::{Digest, Sha256};
+        let d = Sha256::digest(b"team-b-key-0123456789");
+        d.iter().map(|b| format!("{b:02x}")).collect::<String>()
+    };
+    std::fs::write(&keys, format!("# team b\nsha256:{digest}\n")).expect("write keys");
+    let mut opts = GatewayOptions::new(Some(mock.base_url()));
+    opts.server_extra = format!(
+        "client_keys = [\"team-a-key-0123456789\"]\nclient_keys_file = \"{}\"\n",
+        keys.display()
+    );
+    let gw = Gateway::start(opts);
+
+    // Without a key, with a wrong one: 401 in OpenAI's shape, upstream untouched.
+    let r = post(&gw, "/v1/chat/completions", &chat_body("hi", false), &[]).await;
+    assert_eq!(r.status(), 401);
+    assert_eq!(r.headers()["www-authenticate"], "Bearer");
+    let v: Value = r.json().await.expect("json");
+    assert_eq!(v["error"]["code"], "invalid_api_key");
+    assert!(v["error"]["message"]
+        .as_str()
+        .unwrap_or_default()
+        .contains("Authorization"));
+    let wrong = [("authorization", "Bearer team-a-key-0123456780")];
+    for path in ["/v1/chat/completions", "/v1/moderations"] {
+        let r = post(&gw, path, &chat_body("hi", true), &wrong).await;
+        assert_eq!(r.status(), 401, "{path}");
+    }
+    let r = reqwest::Client::new()
+        .get(gw.url("/v1/models"))
+        .send()
+        .await
+        .expect("models");
+    assert_eq!(r.status(), 401);
+    assert!(
+        mock.recorded().is_empty(),
+        "no request may reach the upstream"
+    );
+
+    // A real SDK with a wrong key sees an authentication error.
+    let err = gw
+        .openai()
+        .chat()
+        .create(request("hi"))
+        .await
+        .expect_err("wrong key must be refused");
+    assert!(err.to_string().contains("not accepted"), "{err}");
+
+    // Both configured keys work; health and readiness need none.
+    for key in ["team-a-key-0123456789", "team-b-key-0123456789"] {
+        let auth = format!("Bearer {key}");
+        let r = post(
+            &gw,
+            "/v1/chat/completions",
+            &chat_body("hi", false),
+            &[("authorization", auth.as_str())],
+        )
+        .await;
+        assert_eq!(r.status(), 200, "{key}");
+    }
+    assert_eq!(mock.recorded().len(), 2);
+    for path in ["/healthz", "/readyz"] {
+        let r = reqwest::get(gw.url(path)).await.expect("health");
+        assert_eq!(r.status(), 200, "{path}");
+    }
+}

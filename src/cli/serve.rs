@@ -173,6 +173,12 @@ pub async fn serve_with(
     // Tests and scripts read the port from this line.
     println!("carewall listening on {scheme}://{addr}");
     tracing::info!(%addr, moderation = state.config.moderation.enabled, classifier = state.moderator.classifier().name(), "listening");
+    if !state.config.server.client_keys.is_enabled() && !addr.ip().is_loopback() {
+        tracing::warn!(
+            %addr,
+            "server.client_keys is not set: any client that can reach this address uses the upstream key; set it unless something in front of the gateway authenticates clients"
+        );
+    }
     on_bound(addr);
     spawn_reload_on_sighup(state.clone());
     proxy::serve(state, listener, shutdown).await?;

@@ -67,7 +67,12 @@ pub fn json_response(status: StatusCode, v: &serde_json::Value) -> Response<Body
 
 /// The one place a [`GatewayError`] becomes an HTTP response.
 pub fn error_response(e: &GatewayError) -> Response<Body> {
-    json_response(e.status(), &e.body())
+    let mut r = json_response(e.status(), &e.body());
+    if matches!(e, GatewayError::Unauthorized(_)) {
+        r.headers_mut()
+            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    }
+    r
 }
 
 pub fn sse_response(rx: mpsc::Receiver<Bytes>) -> Response<Body> {

@@ -18,6 +18,7 @@ use super::body::{error_response, full, json_response, sse_response, Body, Deadl
 use super::upstream::{forward_headers, strip_hop_by_hop, HyperChat, UpstreamClient};
 use super::AppState;
 use crate::classifier::Category;
+use crate::config::ClientKeys;
 use crate::error::GatewayError;
 use crate::moderation::context::{build_context, content_text, response_text, ChatRequest};
 use crate::moderation::{complete, stream, ChatUpstream, ClientIdentity, ExchangeOutcome};
@@ -99,6 +100,9 @@ async fn route(
             let resp = crate::admin::handle(req, admin).await;
             return Ok(resp.map(|b| b.map_err(|never| match never {}).boxed_unsync()));
         }
+    }
+    if path.starts_with("/v1/") {
+        check_client_key(&state.config.server.client_keys, req.headers())?;
     }
     match (req.method(), path.as_str()) {
         (&Method::GET, "/healthz") => Ok(json_response(StatusCode::OK, &json!({"status": "ok"}))),
@@ -203,6 +207,29 @@ async fn read_body(
         Err(e) => Err(GatewayError::bad_request(
             format!("could not read the request body: {e}"),
             None,
+        )),
+    }
+}
+
+/// With `server.client_keys` set, `/v1/*` needs one of those keys as
+/// `Authorization: Bearer <key>`; without, every client is let through.
+fn check_client_key(keys: &ClientKeys, headers: &http::HeaderMap) -> Result<(), GatewayError> {
+    if !keys.is_enabled() {
+        return Ok(());
+    }
+    let presented = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+        .filter(|k| !k.is_empty());
+    match presented {
+        None => Err(GatewayError::Unauthorized(
+            "missing `Authorization: Bearer <key>` header: this gateway needs a client key (ask its operator; server.client_keys)",
+        )),
+        Some(k) if keys.accepts(k) => Ok(()),
+        Some(_) => Err(GatewayError::Unauthorized(
+            "the client key is not accepted by this gateway (server.client_keys)",
         )),
     }
 }
