@@ -247,6 +247,58 @@ async fn block_overflow_waits_then_drops_or_succeeds() {
     assert_eq!(st.written, 3, "{st:?}");
 }
 
+#[tokio::test]
+async fn detached_submit_never_waits_but_honours_block() {
+    let (_dir, store) = sqlite().await;
+    let gate = Arc::new(Semaphore::new(0));
+    let gated = Arc::new(Gated {
+        inner: store.clone(),
+        gate: gate.clone(),
+    });
+    // Queue of 1, generous block timeout: waiting records must survive a
+    // stalled writer, and at most `queue_capacity` (1) of them may wait.
+    let s = sink(opts(1, 1, Overflow::Block(Duration::from_secs(30))), gated);
+    assert_eq!(s.submit_detached(flagged(0)), SubmitOutcome::Queued);
+    while s.stats().queue_depth != 0 {
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(s.submit_detached(flagged(1)), SubmitOutcome::Queued);
+    // Full: the call returns at once, the record waits in the background.
+    assert_eq!(s.submit_detached(flagged(2)), SubmitOutcome::Waiting);
+    // One waiter already: the next is dropped rather than piling up.
+    assert_eq!(s.submit_detached(flagged(3)), SubmitOutcome::Dropped);
+    let st = s.stats();
+    assert_eq!((st.blocked, st.dropped, st.queued), (1, 1, 2), "{st:?}");
+    gate.add_permits(1000);
+    // The waiting record gets its slot once the writer moves.
+    while s.stats().queued < 3 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    s.flush().await;
+    let st = s.shutdown().await;
+    assert_eq!((st.written, st.dropped), (3, 1), "{st:?}");
+    assert_eq!(count(store.as_ref()).await, 3);
+
+    // Under `drop` it is try_submit: no waiting at all.
+    let (_dir2, store2) = sqlite().await;
+    let gate2 = Arc::new(Semaphore::new(0));
+    let s = sink(
+        opts(1, 1, Overflow::Drop),
+        Arc::new(Gated {
+            inner: store2.clone(),
+            gate: gate2.clone(),
+        }),
+    );
+    assert_eq!(s.submit_detached(flagged(0)), SubmitOutcome::Queued);
+    while s.stats().queue_depth != 0 {
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(s.submit_detached(flagged(1)), SubmitOutcome::Queued);
+    assert_eq!(s.submit_detached(flagged(2)), SubmitOutcome::Dropped);
+    gate2.add_permits(1000);
+    s.shutdown().await;
+}
+
 async fn shutdown_drains(store: Arc<dyn AuditStore>) {
     let gate = Arc::new(Semaphore::new(0));
     let gated = Arc::new(Gated {

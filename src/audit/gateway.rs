@@ -3,8 +3,10 @@
 //!
 //! Invariant: [`GatewayAuditSink::record`] never waits (it runs on the
 //! request's task right after the response ended): it uses
-//! [`AuditSink::try_submit`], so a full queue drops the record (counted and
-//! logged by the sink) instead of delaying anyone.
+//! [`AuditSink::submit_detached`], so under `overflow = "drop"` a full queue
+//! drops the record (counted and logged by the sink) and under `"block"` a
+//! bounded number of records wait for space in the background; nobody's
+//! response is delayed either way.
 
 use std::time::Duration;
 
@@ -35,7 +37,8 @@ impl ExchangeSink for GatewayAuditSink {
         if !self.sink.wants(&record.verdict.request_id, action != ALLOW) {
             return;
         }
-        self.sink.try_submit(audit_record(record, action, shadow));
+        self.sink
+            .submit_detached(audit_record(record, action, shadow));
     }
 }
 

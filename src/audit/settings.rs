@@ -362,7 +362,7 @@ impl AuditSettings {
         let block_ms = raw.block_timeout_ms.unwrap_or(100);
         if block_ms > 10_000 {
             errors.push(format!(
-                "audit.block_timeout_ms: must be at most 10000 (it delays responses), got {block_ms}"
+                "audit.block_timeout_ms: must be at most 10000 (records wait this long, holding memory), got {block_ms}"
             ));
         }
         let overflow = match raw.overflow.as_deref().unwrap_or("block") {

@@ -40,6 +40,10 @@ pub enum SubmitOutcome {
     Closed,
     /// Auditing is disabled (`audit.enabled = false`).
     Disabled,
+    /// The queue was full and `overflow = "block"`: a background task waits
+    /// up to `block_timeout_ms` for space (then the record is queued, or
+    /// dropped and counted). Only from [`AuditSink::submit_detached`].
+    Waiting,
 }
 
 /// Counter snapshot, for metrics.
@@ -106,6 +110,9 @@ pub struct SinkOptions {
 
 struct Inner {
     tx: mpsc::Sender<Msg>,
+    /// Bounds the records waiting in background tasks under `block`
+    /// (as many as the queue holds), so overload cannot grow memory.
+    waiters: Arc<tokio::sync::Semaphore>,
     counters: Arc<Counters>,
     opts: SinkOptions,
     cancel: CancellationToken,
@@ -202,6 +209,7 @@ impl AuditSink {
         AuditSink {
             inner: Some(Arc::new(Inner {
                 tx,
+                waiters: Arc::new(tokio::sync::Semaphore::new(opts.queue_capacity.max(1))),
                 counters,
                 opts,
                 cancel,
@@ -255,6 +263,60 @@ impl AuditSink {
                 SubmitOutcome::Closed
             }
         }
+    }
+
+    /// Queue a record without making the caller wait, yet honouring
+    /// `overflow`: under `drop` this is [`AuditSink::try_submit`]; under
+    /// `block` a full queue hands the record to a background task that waits
+    /// up to `block_timeout_ms` for space ([`SubmitOutcome::Waiting`]). At
+    /// most `queue_capacity` records wait at once; beyond that they are
+    /// dropped (counted, logged). The gateway's response path uses this.
+    pub fn submit_detached(&self, record: AuditRecord) -> SubmitOutcome {
+        let Some(inner) = &self.inner else {
+            return SubmitOutcome::Disabled;
+        };
+        let Overflow::Block(timeout) = inner.opts.overflow else {
+            return self.try_submit(record);
+        };
+        if !self.wants(&record.request_id, record.is_flagged()) {
+            inner.counters.sampled_out.fetch_add(1, Ordering::Relaxed);
+            return SubmitOutcome::SampledOut;
+        }
+        let id = record.request_id.clone();
+        let msg = match inner.tx.try_send(Msg::Record(Box::new(record))) {
+            Ok(()) => {
+                inner.counters.queued.fetch_add(1, Ordering::Relaxed);
+                return SubmitOutcome::Queued;
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                inner.dropped(&id, "sink shut down");
+                return SubmitOutcome::Closed;
+            }
+            Err(mpsc::error::TrySendError::Full(msg)) => msg,
+        };
+        let Ok(permit) = inner.waiters.clone().try_acquire_owned() else {
+            return inner.dropped(&id, "queue full and as many records already waiting");
+        };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return inner.dropped(&id, "queue full (no runtime to wait on)");
+        };
+        inner.counters.blocked.fetch_add(1, Ordering::Relaxed);
+        let inner = inner.clone();
+        runtime.spawn(async move {
+            let _permit = permit;
+            match inner.tx.send_timeout(msg, timeout).await {
+                Ok(()) => {
+                    inner.counters.queued.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(mpsc::error::SendTimeoutError::Timeout(_)) => {
+                    inner.dropped(&id, "queue full after waiting block_timeout_ms");
+                }
+                Err(mpsc::error::SendTimeoutError::Closed(_)) => {
+                    inner.dropped(&id, "sink shut down");
+                }
+            }
+        });
+        SubmitOutcome::Waiting
     }
 
     /// Queue a record, applying `overflow` when the queue is full: `block`
