@@ -87,6 +87,13 @@ enum Msg {
     Flush(oneshot::Sender<()>),
 }
 
+/// A first, non-waiting try at queueing under `block`.
+enum Enqueue {
+    Done(SubmitOutcome),
+    /// The queue is full: the sink, `block_timeout`, request id, message.
+    Full((Arc<Inner>, Duration, String, Msg)),
+}
+
 /// How the writer turns records into rows.
 #[derive(Clone)]
 struct Sealer {
@@ -272,27 +279,9 @@ impl AuditSink {
     /// most `queue_capacity` records wait at once; beyond that they are
     /// dropped (counted, logged). The gateway's response path uses this.
     pub fn submit_detached(&self, record: AuditRecord) -> SubmitOutcome {
-        let Some(inner) = &self.inner else {
-            return SubmitOutcome::Disabled;
-        };
-        let Overflow::Block(timeout) = inner.opts.overflow else {
-            return self.try_submit(record);
-        };
-        if !self.wants(&record.request_id, record.is_flagged()) {
-            inner.counters.sampled_out.fetch_add(1, Ordering::Relaxed);
-            return SubmitOutcome::SampledOut;
-        }
-        let id = record.request_id.clone();
-        let msg = match inner.tx.try_send(Msg::Record(Box::new(record))) {
-            Ok(()) => {
-                inner.counters.queued.fetch_add(1, Ordering::Relaxed);
-                return SubmitOutcome::Queued;
-            }
-            Err(mpsc::error::TrySendError::Closed(_)) => {
-                inner.dropped(&id, "sink shut down");
-                return SubmitOutcome::Closed;
-            }
-            Err(mpsc::error::TrySendError::Full(msg)) => msg,
+        let (inner, timeout, id, msg) = match self.enqueue_blocking(record) {
+            Enqueue::Done(outcome) => return outcome,
+            Enqueue::Full(full) => full,
         };
         let Ok(permit) = inner.waiters.clone().try_acquire_owned() else {
             return inner.dropped(&id, "queue full and as many records already waiting");
@@ -301,20 +290,9 @@ impl AuditSink {
             return inner.dropped(&id, "queue full (no runtime to wait on)");
         };
         inner.counters.blocked.fetch_add(1, Ordering::Relaxed);
-        let inner = inner.clone();
         runtime.spawn(async move {
             let _permit = permit;
-            match inner.tx.send_timeout(msg, timeout).await {
-                Ok(()) => {
-                    inner.counters.queued.fetch_add(1, Ordering::Relaxed);
-                }
-                Err(mpsc::error::SendTimeoutError::Timeout(_)) => {
-                    inner.dropped(&id, "queue full after waiting block_timeout_ms");
-                }
-                Err(mpsc::error::SendTimeoutError::Closed(_)) => {
-                    inner.dropped(&id, "sink shut down");
-                }
-            }
+            inner.wait_for_space(msg, timeout, &id).await;
         });
         SubmitOutcome::Waiting
     }
@@ -322,40 +300,40 @@ impl AuditSink {
     /// Queue a record, applying `overflow` when the queue is full: `block`
     /// waits up to its timeout for space, then drops; `drop` drops at once.
     pub async fn submit(&self, record: AuditRecord) -> SubmitOutcome {
+        match self.enqueue_blocking(record) {
+            Enqueue::Done(outcome) => outcome,
+            Enqueue::Full((inner, timeout, id, msg)) => {
+                inner.counters.blocked.fetch_add(1, Ordering::Relaxed);
+                inner.wait_for_space(msg, timeout, &id).await
+            }
+        }
+    }
+
+    /// The part of `submit` that never waits: sampling, `drop` overflow, and
+    /// a first try; a full queue under `block` gives the message back.
+    fn enqueue_blocking(&self, record: AuditRecord) -> Enqueue {
         let Some(inner) = &self.inner else {
-            return SubmitOutcome::Disabled;
+            return Enqueue::Done(SubmitOutcome::Disabled);
         };
         let Overflow::Block(timeout) = inner.opts.overflow else {
-            return self.try_submit(record);
+            return Enqueue::Done(self.try_submit(record));
         };
         if !self.wants(&record.request_id, record.is_flagged()) {
             inner.counters.sampled_out.fetch_add(1, Ordering::Relaxed);
-            return SubmitOutcome::SampledOut;
+            return Enqueue::Done(SubmitOutcome::SampledOut);
         }
         let id = record.request_id.clone();
-        let msg = match inner.tx.try_send(Msg::Record(Box::new(record))) {
+        match inner.tx.try_send(Msg::Record(Box::new(record))) {
             Ok(()) => {
                 inner.counters.queued.fetch_add(1, Ordering::Relaxed);
-                return SubmitOutcome::Queued;
+                Enqueue::Done(SubmitOutcome::Queued)
             }
             Err(mpsc::error::TrySendError::Closed(_)) => {
                 inner.dropped(&id, "sink shut down");
-                return SubmitOutcome::Closed;
+                Enqueue::Done(SubmitOutcome::Closed)
             }
-            Err(mpsc::error::TrySendError::Full(msg)) => msg,
-        };
-        inner.counters.blocked.fetch_add(1, Ordering::Relaxed);
-        match inner.tx.send_timeout(msg, timeout).await {
-            Ok(()) => {
-                inner.counters.queued.fetch_add(1, Ordering::Relaxed);
-                SubmitOutcome::Queued
-            }
-            Err(mpsc::error::SendTimeoutError::Timeout(_)) => {
-                inner.dropped(&id, "queue full after waiting block_timeout_ms")
-            }
-            Err(mpsc::error::SendTimeoutError::Closed(_)) => {
-                inner.dropped(&id, "sink shut down");
-                SubmitOutcome::Closed
+            Err(mpsc::error::TrySendError::Full(msg)) => {
+                Enqueue::Full((inner.clone(), timeout, id, msg))
             }
         }
     }
@@ -410,6 +388,23 @@ impl AuditSink {
 }
 
 impl Inner {
+    /// Wait up to `timeout` for queue space (the `block` overflow).
+    async fn wait_for_space(&self, msg: Msg, timeout: Duration, id: &str) -> SubmitOutcome {
+        match self.tx.send_timeout(msg, timeout).await {
+            Ok(()) => {
+                self.counters.queued.fetch_add(1, Ordering::Relaxed);
+                SubmitOutcome::Queued
+            }
+            Err(mpsc::error::SendTimeoutError::Timeout(_)) => {
+                self.dropped(id, "queue full after waiting block_timeout_ms")
+            }
+            Err(mpsc::error::SendTimeoutError::Closed(_)) => {
+                self.dropped(id, "sink shut down");
+                SubmitOutcome::Closed
+            }
+        }
+    }
+
     fn dropped(&self, request_id: &str, reason: &'static str) -> SubmitOutcome {
         let total = self.counters.dropped.fetch_add(1, Ordering::Relaxed) + 1;
         // At most one line per second: an overloaded database must not turn
