@@ -652,6 +652,32 @@ async fn client_disconnect_cancels_the_upstream_stream() {
 }
 
 #[tokio::test]
+async fn client_disconnect_cancels_a_non_streaming_upstream_call() {
+    // The upstream never answers; the gateway's own first-byte timeout is
+    // 5 s, so a cancellation seen well before that came from the client
+    // leaving.
+    let mock = MockUpstream::start(|_, _| MockReply::Hang).await;
+    let gw = Gateway::start(GatewayOptions::new(Some(mock.base_url())));
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_millis(300))
+        .build()
+        .expect("client");
+    let r = client
+        .post(gw.url("/v1/chat/completions"))
+        .json(&chat_body("hi", false))
+        .send()
+        .await;
+    assert!(r.is_err(), "the client gives up first");
+    for _ in 0..60 {
+        if mock.cancelled.load(Ordering::SeqCst) > 0 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the upstream call was not cancelled within 3 s of the client leaving");
+}
+
+#[tokio::test]
 async fn sighup_reloads_policies_and_keeps_the_old_set_when_broken() {
     let mock = mock_reply(&["You idiot. ", "Bye."]).await;
     let gw = Gateway::start(GatewayOptions::new(Some(mock.base_url())));

@@ -215,6 +215,14 @@ impl MockUpstream {
         match script(&body, n) {
             MockReply::Json { status, body } => full(status, &body),
             MockReply::Hang => {
+                // Counted as cancelled when the gateway gives up on it.
+                struct OnDrop(Arc<AtomicUsize>);
+                impl Drop for OnDrop {
+                    fn drop(&mut self) {
+                        self.0.fetch_add(1, Ordering::SeqCst);
+                    }
+                }
+                let _guard = OnDrop(self.cancelled.clone());
                 std::future::pending::<()>().await;
                 unreachable!()
             }
