@@ -3,7 +3,8 @@
 #   - ONNX Runtime's shared library, taken from the PyPI `onnxruntime` wheel
 #     (no CDN download: ort is built with `load-dynamic`);
 #   - Python packages the black-box tests use (`openai`, ...);
-#   - Debian's Chromium + ChromeDriver for the console's browser test (only with --browser).
+#   - Debian's Chromium + ChromeDriver for the console's browser test (only with --browser);
+#   - Debian's docker-compose and promtool for deploy/check.sh (only with --deploy).
 # Safe to run repeatedly; each step is skipped when already done.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,10 +14,12 @@ ORT_DIR=.cache/onnxruntime
 ORT_LIB="$ORT_DIR/libonnxruntime.so"
 
 want_browser=0
+want_deploy=0
 for a in "$@"; do
   case "$a" in
     --browser) want_browser=1 ;;
-    *) echo "setup.sh: unknown argument '$a' (known: --browser)" >&2; exit 2 ;;
+    --deploy) want_deploy=1 ;;
+    *) echo "setup.sh: unknown argument '$a' (known: --browser, --deploy)" >&2; exit 2 ;;
   esac
 done
 
@@ -56,6 +59,15 @@ if [ "$want_browser" = 1 ] && { ! command -v chromium >/dev/null 2>&1 \
   echo "setup: installing Debian chromium, chromium-driver and fonts-wqy-microhei"
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver fonts-wqy-microhei >/dev/null
+fi
+
+# deploy/check.sh validates the compose stack, the Prometheus rules and the
+# dashboards without a Docker engine (promtool ships in Debian's prometheus).
+if [ "$want_deploy" = 1 ] && { ! command -v promtool >/dev/null 2>&1 \
+    || ! command -v docker-compose >/dev/null 2>&1; }; then
+  echo "setup: installing Debian prometheus (promtool) and docker-compose"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus docker-compose >/dev/null
 fi
 
 echo "setup: done (ORT_DYLIB_PATH=$PWD/$ORT_LIB)"

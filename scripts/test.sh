@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-bash scripts/setup.sh --browser
+bash scripts/setup.sh --browser --deploy
 if ! command -v cargo-nextest >/dev/null 2>&1; then
   echo "test: installing cargo-nextest from crates.io"
   cargo install --locked cargo-nextest
@@ -14,4 +14,8 @@ export ORT_DYLIB_PATH="${ORT_DYLIB_PATH:-$PWD/.cache/onnxruntime/libonnxruntime.
 
 cargo fmt --check
 cargo clippy --all-targets -- -D warnings
+# The deployment files (compose, Prometheus rules, dashboards, collector) and
+# the gateway's acceptance of the compose environment.
+cargo build --bin carewall
+bash deploy/check.sh "${CARGO_TARGET_DIR:-target}/debug/carewall"
 cargo nextest run --profile ci
