@@ -6,10 +6,7 @@ mod common;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use async_openai::types::chat::{
-    ChatCompletionRequestUserMessageArgs, CreateChatCompletionRequest,
-    CreateChatCompletionRequestArgs, FinishReason,
-};
+use async_openai::types::chat::{CreateChatCompletionRequest, FinishReason};
 use common::*;
 use futures::StreamExt;
 use serde_json::{json, Value};
@@ -22,27 +19,7 @@ const SAFE: &[&str] = &[
 ];
 
 fn request(user: &str) -> CreateChatCompletionRequest {
-    CreateChatCompletionRequestArgs::default()
-        .model(MOCK_MODEL)
-        .messages([ChatCompletionRequestUserMessageArgs::default()
-            .content(user)
-            .build()
-            .expect("message")
-            .into()])
-        .build()
-        .expect("request")
-}
-
-fn openai_with_policy(
-    gw: &Gateway,
-    policy: &str,
-) -> async_openai::Client<async_openai::config::OpenAIConfig> {
-    let cfg = async_openai::config::OpenAIConfig::new()
-        .with_api_base(gw.base_url())
-        .with_api_key("client-key")
-        .with_header("x-carewall-policy", policy)
-        .expect("header");
-    async_openai::Client::with_config(cfg)
+    chat_request(MOCK_MODEL, user)
 }
 
 /// Stream through async-openai; returns (text, finish reason, error if any).
@@ -265,7 +242,7 @@ async fn every_mode_streams_through_async_openai() {
     .await;
     let gw = Gateway::start(GatewayOptions::new(Some(mock.base_url())));
     for policy in ["default", "buffer", "observe", "strict"] {
-        let client = openai_with_policy(&gw, policy);
+        let client = gw.openai_with_policy(policy);
         let (text, finish, err) = stream_text(&client, "safe please").await;
         assert_eq!(err, None, "{policy}");
         assert_eq!(text, SAFE.concat(), "{policy}");

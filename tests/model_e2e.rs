@@ -6,10 +6,7 @@
 
 mod common;
 
-use async_openai::types::chat::{
-    ChatCompletionRequestUserMessageArgs, CreateChatCompletionRequest,
-    CreateChatCompletionRequestArgs, FinishReason,
-};
+use async_openai::types::chat::{CreateChatCompletionRequest, FinishReason};
 use common::*;
 use futures::StreamExt;
 use serde_json::{json, Value};
@@ -75,29 +72,13 @@ async fn upstream() -> MockUpstream {
 }
 
 fn request(user: &str) -> CreateChatCompletionRequest {
-    CreateChatCompletionRequestArgs::default()
-        .model("gpt-test")
-        .messages([ChatCompletionRequestUserMessageArgs::default()
-            .content(user)
-            .build()
-            .expect("message")
-            .into()])
-        .build()
-        .expect("request")
-}
-
-fn client(gw: &Gateway, policy: &str) -> async_openai::Client<async_openai::config::OpenAIConfig> {
-    let cfg = async_openai::config::OpenAIConfig::new()
-        .with_api_base(gw.base_url())
-        .with_api_key("client-key")
-        .with_header("x-carewall-policy", policy)
-        .expect("header");
-    async_openai::Client::with_config(cfg)
+    chat_request("gpt-test", user)
 }
 
 /// Stream through async-openai: (text, finish reason, verdict).
 async fn stream(gw: &Gateway, policy: &str, user: &str) -> (String, Option<FinishReason>, Value) {
-    let mut s = client(gw, policy)
+    let mut s = gw
+        .openai_with_policy(policy)
         .chat()
         .create_stream(request(user))
         .await

@@ -492,6 +492,19 @@ impl Gateway {
         assert!(ok, "could not send {sig}");
     }
 
+    /// An async-openai client that names a policy with `x-carewall-policy`.
+    pub fn openai_with_policy(
+        &self,
+        policy: &str,
+    ) -> async_openai::Client<async_openai::config::OpenAIConfig> {
+        let cfg = async_openai::config::OpenAIConfig::new()
+            .with_api_base(self.base_url())
+            .with_api_key("client-key")
+            .with_header("x-carewall-policy", policy)
+            .expect("header");
+        async_openai::Client::with_config(cfg)
+    }
+
     /// An async-openai client pointed at the gateway (no retries, so error
     /// tests see the first answer).
     pub fn openai(&self) -> async_openai::Client<async_openai::config::OpenAIConfig> {
@@ -507,6 +520,25 @@ impl Drop for Gateway {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// A one-message chat request for async-openai.
+pub fn chat_request(
+    model: &str,
+    user: &str,
+) -> async_openai::types::chat::CreateChatCompletionRequest {
+    use async_openai::types::chat::{
+        ChatCompletionRequestUserMessageArgs, CreateChatCompletionRequestArgs,
+    };
+    CreateChatCompletionRequestArgs::default()
+        .model(model)
+        .messages([ChatCompletionRequestUserMessageArgs::default()
+            .content(user)
+            .build()
+            .expect("message")
+            .into()])
+        .build()
+        .expect("request")
 }
 
 /// Parse an SSE body into its `data` payloads.
