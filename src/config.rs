@@ -72,8 +72,75 @@ pub struct ServerConfig {
     pub shutdown_grace: Duration,
     /// Serve HTTPS with these PEM files instead of plain HTTP.
     pub tls: Option<TlsFiles>,
-    /// Keys clients must present on `/v1/*` (empty: no client check).
+    /// Keys clients must present on `/v1/*` (empty: no client check), as
+    /// loaded at start; the gateway re-reads `client_key_sources` on SIGHUP.
     pub client_keys: ClientKeys,
+    pub client_key_sources: ClientKeySources,
+}
+
+/// Where the client keys come from, kept so that SIGHUP can re-read the
+/// file (key rotation without a restart).
+#[derive(Clone, Default)]
+pub struct ClientKeySources {
+    /// `server.client_keys`.
+    pub inline: Vec<String>,
+    /// `server.client_keys_file`.
+    pub file: Option<PathBuf>,
+}
+
+impl std::fmt::Debug for ClientKeySources {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientKeySources")
+            .field("inline", &self.inline.len())
+            .field("file", &self.file)
+            .finish()
+    }
+}
+
+impl ClientKeySources {
+    /// Read the file (if any) and parse every entry; every problem is
+    /// named by its key (and file line).
+    pub fn load(&self) -> Result<ClientKeys, Vec<String>> {
+        let mut errors = Vec::new();
+        let mut entries: Vec<(String, String)> = self
+            .inline
+            .iter()
+            .enumerate()
+            .map(|(i, k)| (format!("server.client_keys[{i}]"), k.clone()))
+            .collect();
+        if let Some(path) = &self.file {
+            match std::fs::read_to_string(path) {
+                Ok(text) => {
+                    let before = entries.len();
+                    for (n, line) in text.lines().enumerate() {
+                        let line = line.trim();
+                        if !line.is_empty() && !line.starts_with('#') {
+                            entries.push((
+                                format!("server.client_keys_file {}:{}", path.display(), n + 1),
+                                line.to_string(),
+                            ));
+                        }
+                    }
+                    if entries.len() == before {
+                        errors.push(format!(
+                            "server.client_keys_file: {} holds no key (one key or `sha256:<hex>` per line; `#` starts a comment)",
+                            path.display()
+                        ));
+                    }
+                }
+                Err(e) => errors.push(format!(
+                    "server.client_keys_file: cannot read {}: {e}",
+                    path.display()
+                )),
+            }
+        }
+        let keys = ClientKeys::parse(&entries, &mut errors);
+        if errors.is_empty() {
+            Ok(keys)
+        } else {
+            Err(errors)
+        }
+    }
 }
 
 /// The keys that may use the gateway's `/v1/*` routes, kept only as SHA-256
@@ -108,6 +175,11 @@ impl ClientKeys {
             }
         }
         ClientKeys(out)
+    }
+
+    /// How many keys there are.
+    pub fn count(&self) -> usize {
+        self.0.len()
     }
 
     /// Whether client keys are required.
@@ -528,46 +600,21 @@ fn validate_server(raw: RawServer, errors: &mut Vec<String>) -> ServerConfig {
             None
         }
     };
-    let mut key_entries: Vec<(String, String)> = raw
-        .client_keys
-        .unwrap_or_default()
-        .into_iter()
-        .enumerate()
-        .map(|(i, k)| (format!("server.client_keys[{i}]"), k))
-        .collect();
-    if let Some(path) = raw.client_keys_file {
-        match std::fs::read_to_string(&path) {
-            Ok(text) => {
-                let before = key_entries.len();
-                for (n, line) in text.lines().enumerate() {
-                    let line = line.trim();
-                    if !line.is_empty() && !line.starts_with('#') {
-                        key_entries.push((
-                            format!("server.client_keys_file {}:{}", path.display(), n + 1),
-                            line.to_string(),
-                        ));
-                    }
-                }
-                if key_entries.len() == before {
-                    errors.push(format!(
-                        "server.client_keys_file: {} holds no key (one key or `sha256:<hex>` per line; `#` starts a comment)",
-                        path.display()
-                    ));
-                }
-            }
-            Err(e) => errors.push(format!(
-                "server.client_keys_file: cannot read {}: {e}",
-                path.display()
-            )),
-        }
-    }
-    let client_keys = ClientKeys::parse(&key_entries, errors);
+    let client_key_sources = ClientKeySources {
+        inline: raw.client_keys.unwrap_or_default(),
+        file: raw.client_keys_file,
+    };
+    let client_keys = client_key_sources.load().unwrap_or_else(|e| {
+        errors.extend(e);
+        ClientKeys::default()
+    });
     ServerConfig {
         listen,
         max_body_bytes: usize::try_from(max_body_bytes).unwrap_or(usize::MAX),
         shutdown_grace: Duration::from_secs(grace),
         tls,
         client_keys,
+        client_key_sources,
     }
 }
 

@@ -1081,4 +1081,48 @@ async fn client_keys_guard_the_v1_routes() {
         let r = reqwest::get(gw.url(path)).await.expect("health");
         assert_eq!(r.status(), 200, "{path}");
     }
+
+    // Rotation: SIGHUP re-reads the file; team b's key is replaced by c's.
+    let status_with = |key: &'static str| {
+        let gw = &gw;
+        async move {
+            let auth = format!("Bearer {key}");
+            post(
+                gw,
+                "/v1/chat/completions",
+                &chat_body("hi", false),
+                &[("authorization", auth.as_str())],
+            )
+            .await
+            .status()
+        }
+    };
+    std::fs::write(&keys, "team-c-key-0123456789\n").expect("rewrite keys");
+    gw.signal("HUP");
+    let mut rotated = false;
+    for _ in 0..100 {
+        if status_with("team-c-key-0123456789").await == 200 {
+            rotated = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(rotated, "the new key was not accepted after SIGHUP");
+    assert_eq!(status_with("team-b-key-0123456789").await, 401);
+    assert_eq!(status_with("team-a-key-0123456789").await, 200);
+    // A broken file is refused as a whole: the previous keys stay.
+    std::fs::write(&keys, "too-short\n").expect("break keys");
+    gw.signal("HUP");
+    let mut logged = false;
+    for _ in 0..100 {
+        if gw.logs().contains("client key reload failed") {
+            logged = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(logged, "{}", gw.logs());
+    assert!(gw.logs().contains("client_keys_file"), "names the key");
+    assert!(!gw.logs().contains("team-c-key"), "no key in the logs");
+    assert_eq!(status_with("team-c-key-0123456789").await, 200);
 }

@@ -173,7 +173,7 @@ pub async fn serve_with(
     // Tests and scripts read the port from this line.
     println!("carewall listening on {scheme}://{addr}");
     tracing::info!(%addr, moderation = state.config.moderation.enabled, classifier = state.moderator.classifier().name(), "listening");
-    if !state.config.server.client_keys.is_enabled() && !addr.ip().is_loopback() {
+    if !state.client_keys.load().is_enabled() && !addr.ip().is_loopback() {
         tracing::warn!(
             %addr,
             "server.client_keys is not set: any client that can reach this address uses the upstream key; set it unless something in front of the gateway authenticates clients"
@@ -199,6 +199,14 @@ fn spawn_reload_on_sighup(state: Arc<AppState>) {
                 Err(e) => {
                     tracing::error!(error = %e, "policy reload failed; keeping the previous policies")
                 }
+            }
+            match state.reload_client_keys() {
+                Ok(None) => {}
+                Ok(Some(keys)) => tracing::info!(keys, "client keys reloaded"),
+                Err(e) => tracing::error!(
+                    error = %e,
+                    "client key reload failed; keeping the previous keys"
+                ),
             }
         }
     });

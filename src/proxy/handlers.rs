@@ -102,7 +102,7 @@ async fn route(
         }
     }
     if path.starts_with("/v1/") {
-        check_client_key(&state.config.server.client_keys, req.headers())?;
+        check_client_key(&state.client_keys.load(), req.headers())?;
     }
     match (req.method(), path.as_str()) {
         (&Method::GET, "/healthz") => Ok(json_response(StatusCode::OK, &json!({"status": "ok"}))),

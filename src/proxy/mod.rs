@@ -30,6 +30,9 @@ pub struct AppState {
     /// Swapped whole on SIGHUP; a request loads it once and keeps its policy
     /// for its whole life, so reloads never change an in-flight stream.
     pub policies: ArcSwap<PolicySet>,
+    /// The keys `/v1/*` accepts; swapped whole when SIGHUP re-reads
+    /// `server.client_keys_file`.
+    pub client_keys: ArcSwap<crate::config::ClientKeys>,
     pub moderator: Arc<Moderator>,
     pub upstream: Arc<upstream::UpstreamClient>,
     /// Receives every moderated exchange (the audit log plugs in here).
@@ -66,6 +69,7 @@ impl AppState {
             config.classifier.timeout,
         ));
         Ok(Arc::new(AppState {
+            client_keys: ArcSwap::from_pointee(config.server.client_keys.clone()),
             config: Arc::new(config),
             policies: ArcSwap::from_pointee(policies),
             moderator,
@@ -83,6 +87,20 @@ impl AppState {
         let names = set.names();
         self.policies.store(Arc::new(set));
         Ok(names)
+    }
+
+    /// Re-read `server.client_keys_file` and swap the new keys in if they
+    /// are all valid; otherwise keep the current ones and return why.
+    /// `Ok(None)` when no file is configured (nothing to reload).
+    pub fn reload_client_keys(&self) -> Result<Option<usize>, ConfigError> {
+        let sources = &self.config.server.client_key_sources;
+        if sources.file.is_none() {
+            return Ok(None);
+        }
+        let keys = sources.load().map_err(ConfigError)?;
+        let n = keys.count();
+        self.client_keys.store(Arc::new(keys));
+        Ok(Some(n))
     }
 
     /// Ready to serve chat: upstream configured and, when moderation is on,
