@@ -1,5 +1,6 @@
 //! The official Python `openai` package against the real binary: streaming
-//! and non-streaming in every mode, remedies, retry, errors, moderations.
+//! and non-streaming in every mode, remedies, retry, errors, moderations,
+//! client keys.
 
 mod common;
 
@@ -79,4 +80,53 @@ async fn python_openai_sdk_streams_and_parses_in_every_mode() {
         gw.logs()
     );
     assert!(stdout.contains("python openai checks passed"), "{stdout}");
+}
+
+#[tokio::test]
+async fn python_openai_sdk_sees_client_key_errors_as_authentication_errors() {
+    assert!(
+        python_has_openai(),
+        "the Python package `openai` is missing: run `bash scripts/setup.sh` (installs tests/requirements.txt)"
+    );
+    let mock = MockUpstream::start(|_: &Value, _| MockReply::pieces(SAFE)).await;
+    let mut opts = GatewayOptions::new(Some(mock.base_url()));
+    opts.server_extra = "client_keys = [\"py-client-key-0123456789\"]\n".into();
+    let gw = Gateway::start(opts);
+    let script = r#"
+import os, openai
+base = os.environ["CAREWALL_BASE_URL"]
+msgs = [{"role": "user", "content": "hi"}]
+bad = openai.OpenAI(base_url=base, api_key="not-the-key-0123456789", max_retries=0)
+try:
+    bad.chat.completions.create(model="gpt-test", messages=msgs)
+    raise SystemExit("a wrong key was accepted")
+except openai.AuthenticationError as e:
+    assert e.status_code == 401, e.status_code
+    assert e.code == "invalid_api_key", e.code
+good = openai.OpenAI(base_url=base, api_key="py-client-key-0123456789", max_retries=0)
+r = good.chat.completions.create(model="gpt-test", messages=msgs)
+assert r.choices[0].message.content == "I hear you. That sounds really hard. I'm here with you.", r
+chunks = good.chat.completions.create(model="gpt-test", messages=msgs, stream=True)
+text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+assert text.startswith("I hear you."), text
+print("python client key checks passed")
+"#;
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new("python3")
+            .args(["-c", script])
+            .env("CAREWALL_BASE_URL", format!("http://{}/v1", gw.addr))
+            .output()
+            .map(|o| (o, gw))
+    })
+    .await
+    .expect("join")
+    .expect("run python3");
+    let (out, gw) = out;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && stdout.contains("python client key checks passed"),
+        "stdout:\n{stdout}\nstderr:\n{stderr}\ngateway log:\n{}",
+        gw.logs()
+    );
 }
