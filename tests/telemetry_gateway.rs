@@ -109,9 +109,20 @@ async fn flagged_stream_is_one_trace_and_moves_metrics_without_conversation_text
         "the unsafe reply was released: {text}"
     );
 
-    // (b) /metrics after the traffic.
-    let (_, after) = scrape(&gw).await;
-    let after = promtext::parse(&after).map_err(anyhow::Error::msg)?;
+    // (b) /metrics after the traffic. The stream's task records the
+    // exchange after the client has read `[DONE]`, so wait (bounded) for it.
+    let mut after = promtext::parse(&scrape(&gw).await.1).map_err(anyhow::Error::msg)?;
+    for _ in 0..100 {
+        let moved = after.sum(
+            "carewall_responses_total",
+            &[("category", "toxic_language")],
+        ) > flagged_before;
+        if moved {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        after = promtext::parse(&scrape(&gw).await.1).map_err(anyhow::Error::msg)?;
+    }
     for name in after.types.keys() {
         assert!(
             name.starts_with("carewall_"),
