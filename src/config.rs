@@ -546,7 +546,13 @@ fn section<T: DeserializeOwned + Default>(
 
 /// The `config` crate appends its own origin to messages; keep them short.
 fn clean_serde_message(msg: &str) -> String {
-    msg.trim().to_string()
+    let msg = msg.trim();
+    if msg.contains("expected a sequence") || msg.contains("expected a map") {
+        // An environment variable always holds one string.
+        format!("{msg}; lists and tables are set in the TOML file, not from the environment")
+    } else {
+        msg.to_string()
+    }
 }
 
 fn positive(key: &str, v: Option<u64>, default: u64, errors: &mut Vec<String>) -> u64 {
@@ -998,6 +1004,14 @@ mod tests {
         ] {
             assert!(errs.iter().any(|e| e.starts_with(want)), "{want}: {errs:?}");
         }
+        // A list cannot come from one environment variable: say where it goes.
+        let errs = errors_of("", &[("CAREWALL__SERVER__CLIENT_KEYS", "abc")]);
+        assert!(
+            errs.iter()
+                .any(|e| e.starts_with("server.client_keys: invalid type")
+                    && e.ends_with("set in the TOML file, not from the environment")),
+            "{errs:?}"
+        );
         let errs = errors_of(
             "",
             &[("CAREWALL__SERVER__CLIENT_KEYS_FILE", "/nonexistent/keys")],

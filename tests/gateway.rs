@@ -1126,3 +1126,44 @@ async fn client_keys_guard_the_v1_routes() {
     assert!(!gw.logs().contains("team-c-key"), "no key in the logs");
     assert_eq!(status_with("team-c-key-0123456789").await, 200);
 }
+
+#[tokio::test]
+async fn an_open_gateway_on_a_public_address_warns() {
+    const WARNING: &str = "server.client_keys is not set";
+    let mock = mock_reply(SAFE).await;
+    let public = Gateway::start(
+        GatewayOptions::new(Some(mock.base_url())).env("CAREWALL__SERVER__LISTEN", "0.0.0.0:0"),
+    );
+    let mut warned = false;
+    for _ in 0..100 {
+        if public.logs().contains(WARNING) {
+            warned = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(warned, "{}", public.logs());
+    // On loopback, or with keys, there is nothing to warn about.
+    let mut keyed =
+        GatewayOptions::new(Some(mock.base_url())).env("CAREWALL__SERVER__LISTEN", "0.0.0.0:0");
+    keyed.server_extra = "client_keys = [\"some-client-key-0123\"]\n".into();
+    for gw in [
+        Gateway::start(GatewayOptions::new(Some(mock.base_url()))),
+        Gateway::start(keyed),
+    ] {
+        // The request's access-log line comes through the same log stream
+        // after any start-up warning: once it is read, so would that be.
+        let r = reqwest::get(gw.url("/healthz")).await.expect("healthz");
+        assert_eq!(r.status(), 200);
+        let mut logged = false;
+        for _ in 0..100 {
+            if gw.logs().contains("carewall::access") {
+                logged = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(logged, "{}", gw.logs());
+        assert!(!gw.logs().contains(WARNING), "{}", gw.logs());
+    }
+}

@@ -24,6 +24,23 @@ fn python_has_openai() -> bool {
         .unwrap_or(false)
 }
 
+/// Run python3 with `args` against the gateway (its `/v1` base URL in
+/// `CAREWALL_BASE_URL`), off the test's reactor; the gateway comes back for
+/// its logs.
+async fn run_python(args: Vec<std::ffi::OsString>, gw: Gateway) -> (std::process::Output, Gateway) {
+    tokio::task::spawn_blocking(move || {
+        Command::new("python3")
+            .args(&args)
+            .env("CAREWALL_BASE_URL", format!("http://{}/v1", gw.addr))
+            .env("PYTHONUNBUFFERED", "1")
+            .output()
+            .map(|o| (o, gw))
+    })
+    .await
+    .expect("join")
+    .expect("run python3")
+}
+
 #[tokio::test]
 async fn python_openai_sdk_streams_and_parses_in_every_mode() {
     assert!(
@@ -60,18 +77,7 @@ async fn python_openai_sdk_streams_and_parses_in_every_mode() {
     .await;
     let gw = Gateway::start(GatewayOptions::new(Some(mock.base_url())));
     let script = repo_path("tests/python/sdk_client.py");
-    let out = tokio::task::spawn_blocking(move || {
-        Command::new("python3")
-            .arg(script)
-            .env("CAREWALL_BASE_URL", format!("http://{}/v1", gw.addr))
-            .env("PYTHONUNBUFFERED", "1")
-            .output()
-            .map(|o| (o, gw))
-    })
-    .await
-    .expect("join")
-    .expect("run python3");
-    let (out, gw) = out;
+    let (out, gw) = run_python(vec![script.into_os_string()], gw).await;
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -111,17 +117,7 @@ text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
 assert text.startswith("I hear you."), text
 print("python client key checks passed")
 "#;
-    let out = tokio::task::spawn_blocking(move || {
-        Command::new("python3")
-            .args(["-c", script])
-            .env("CAREWALL_BASE_URL", format!("http://{}/v1", gw.addr))
-            .output()
-            .map(|o| (o, gw))
-    })
-    .await
-    .expect("join")
-    .expect("run python3");
-    let (out, gw) = out;
+    let (out, gw) = run_python(vec!["-c".into(), script.into()], gw).await;
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(

@@ -88,17 +88,9 @@ impl AdminState {
         let Some(expected) = &self.token else {
             return Err(AdminError::Disabled);
         };
-        let presented = headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| {
-                v.strip_prefix("Bearer ")
-                    .or_else(|| v.strip_prefix("bearer "))
-            })
-            .map(str::trim)
-            .ok_or(AdminError::Unauthorized(
-                "missing `Authorization: Bearer <admin token>` header",
-            ))?;
+        let presented = crate::proxy::auth::bearer_token(headers).ok_or(
+            AdminError::Unauthorized("missing `Authorization: Bearer <admin token>` header"),
+        )?;
         // ct_eq on slices of different lengths returns false without
         // comparing contents; the length of the token is not a secret worth
         // hiding (it is fixed by configuration).

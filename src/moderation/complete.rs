@@ -112,30 +112,29 @@ pub async fn run(job: CompleteJob, first: Value) -> (Value, Verdict) {
                 let body = job
                     .request
                     .retry_body(job.policy.retry_system_message.as_deref());
-                match tokio::time::timeout_at(job.deadline, job.upstream.complete(body)).await {
-                    Ok(Ok(r)) => resp = r,
-                    Ok(Err(e)) => {
-                        tally.error = Some(format!("retry failed: {e}"));
-                        delivered = remedy(
-                            &mut resp,
-                            &mut tally,
-                            &job,
-                            Action::Replace,
-                            Some(c.category),
-                        );
-                        break;
+                let failed = match tokio::time::timeout_at(
+                    job.deadline,
+                    job.upstream.complete(body),
+                )
+                .await
+                {
+                    Ok(Ok(r)) => {
+                        resp = r;
+                        None
                     }
-                    Err(_) => {
-                        tally.error = Some("retry failed: upstream total timeout".into());
-                        delivered = remedy(
-                            &mut resp,
-                            &mut tally,
-                            &job,
-                            Action::Replace,
-                            Some(c.category),
-                        );
-                        break;
-                    }
+                    Ok(Err(e)) => Some(format!("retry failed: {e}")),
+                    Err(_) => Some("retry failed: upstream total timeout".to_string()),
+                };
+                if let Some(error) = failed {
+                    tally.error = Some(error);
+                    delivered = remedy(
+                        &mut resp,
+                        &mut tally,
+                        &job,
+                        Action::Replace,
+                        Some(c.category),
+                    );
+                    break;
                 }
             }
             Gate::Stop { action, category } => {

@@ -18,7 +18,6 @@ use super::body::{error_response, full, json_response, sse_response, Body, Deadl
 use super::upstream::{forward_headers, strip_hop_by_hop, HyperChat, UpstreamClient};
 use super::AppState;
 use crate::classifier::Category;
-use crate::config::ClientKeys;
 use crate::error::GatewayError;
 use crate::moderation::context::{build_context, content_text, response_text, ChatRequest};
 use crate::moderation::{complete, stream, ChatUpstream, ClientIdentity, ExchangeOutcome};
@@ -102,7 +101,7 @@ async fn route(
         }
     }
     if path.starts_with("/v1/") {
-        check_client_key(&state.client_keys.load(), req.headers())?;
+        super::auth::check_client_key(&state.client_keys.load(), req.headers())?;
     }
     match (req.method(), path.as_str()) {
         (&Method::GET, "/healthz") => Ok(json_response(StatusCode::OK, &json!({"status": "ok"}))),
@@ -176,14 +175,13 @@ fn readyz(state: &AppState) -> Response<Body> {
     json_response(status, &body)
 }
 
-async fn read_body(
-    body: Incoming,
-    limit: usize,
-    declared: Option<u64>,
-) -> Result<Bytes, GatewayError> {
-    if declared.is_some_and(|n| n > limit as u64) {
+/// The whole request body, at most `limit` bytes (413 above, refused
+/// before reading when `content-length` says so).
+async fn read_body(req: Request<Incoming>, limit: usize) -> Result<Bytes, GatewayError> {
+    if declared_length(&req).is_some_and(|n| n > limit as u64) {
         return Err(GatewayError::PayloadTooLarge { limit });
     }
+    let body = req.into_body();
     // A client that stops sending mid-body must not hold a task forever.
     let collected = tokio::time::timeout(BODY_READ_TIMEOUT, Limited::new(body, limit).collect())
         .await
@@ -211,29 +209,6 @@ async fn read_body(
     }
 }
 
-/// With `server.client_keys` set, `/v1/*` needs one of those keys as
-/// `Authorization: Bearer <key>`; without, every client is let through.
-fn check_client_key(keys: &ClientKeys, headers: &http::HeaderMap) -> Result<(), GatewayError> {
-    if !keys.is_enabled() {
-        return Ok(());
-    }
-    let presented = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim)
-        .filter(|k| !k.is_empty());
-    match presented {
-        None => Err(GatewayError::Unauthorized(
-            "missing `Authorization: Bearer <key>` header: this gateway needs a client key (ask its operator; server.client_keys)",
-        )),
-        Some(k) if keys.accepts(k) => Ok(()),
-        Some(_) => Err(GatewayError::Unauthorized(
-            "the client key is not accepted by this gateway (server.client_keys)",
-        )),
-    }
-}
-
 /// The `x-carewall-policy` header, if present; not-text values are a 400
 /// rather than silently the default policy.
 fn policy_header(req: &Request<Incoming>) -> Result<Option<String>, GatewayError> {
@@ -249,17 +224,11 @@ fn policy_header(req: &Request<Incoming>) -> Result<Option<String>, GatewayError
 /// hashed here so that only its fingerprint travels further.
 fn client_identity(headers: &http::HeaderMap) -> ClientIdentity {
     use sha2::{Digest, Sha256};
-    let key_id = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim)
-        .filter(|k| !k.is_empty())
-        .map(|k| {
-            let digest = Sha256::digest(k.as_bytes());
-            let hex: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
-            format!("key-{hex}")
-        });
+    let key_id = super::auth::bearer_token(headers).map(|k| {
+        let digest = Sha256::digest(k.as_bytes());
+        let hex: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
+        format!("key-{hex}")
+    });
     let conversation = headers
         .get(CONVERSATION_HEADER)
         .and_then(|v| v.to_str().ok())
@@ -292,13 +261,7 @@ async fn passthrough(
     let deadline = Instant::now() + state.upstream.total_timeout;
     let method = req.method().clone();
     let headers = forward_headers(req.headers());
-    let declared = declared_length(&req);
-    let bytes = read_body(
-        req.into_body(),
-        state.config.server.max_body_bytes,
-        declared,
-    )
-    .await?;
+    let bytes = read_body(req, state.config.server.max_body_bytes).await?;
     forward(
         state,
         method,
@@ -365,13 +328,7 @@ async fn chat(
     let policy_header = policy_header(&req)?;
     let client = client_identity(req.headers());
     let headers = forward_headers(req.headers());
-    let declared = declared_length(&req);
-    let bytes = read_body(
-        req.into_body(),
-        state.config.server.max_body_bytes,
-        declared,
-    )
-    .await?;
+    let bytes = read_body(req, state.config.server.max_body_bytes).await?;
     if !state.config.moderation.enabled {
         tel.set_streaming("off");
         let deadline = started + state.upstream.total_timeout;
@@ -504,13 +461,7 @@ async fn moderations(
     probe: &RequestProbe,
 ) -> Result<Response<Body>, GatewayError> {
     let policy_header = policy_header(&req)?;
-    let declared = declared_length(&req);
-    let bytes = read_body(
-        req.into_body(),
-        state.config.server.max_body_bytes,
-        declared,
-    )
-    .await?;
+    let bytes = read_body(req, state.config.server.max_body_bytes).await?;
     let body: Value = serde_json::from_slice(&bytes).map_err(|e| {
         GatewayError::bad_request(format!("request body is not valid JSON: {e}"), None)
     })?;

@@ -5,6 +5,7 @@
 //! `moderation`; every error becomes a response in one place
 //! ([`body::error_response`]).
 
+pub mod auth;
 pub mod body;
 mod handlers;
 pub mod server;
