@@ -89,10 +89,19 @@ async fn closed_loop(url: &str, body: &Value, conc: usize, secs: f64) -> Stats {
     stats(lat, errors, secs)
 }
 
-/// Requests started at a fixed rate regardless of responses (open loop).
-async fn open_loop(url: &str, body: &Value, rate: u64, secs: f64) -> Stats {
+/// Requests started at a fixed rate regardless of responses (open loop),
+/// with `Authorization: Bearer <key>` when `key` is given.
+async fn open_loop(url: &str, body: &Value, rate: u64, secs: f64, key: Option<&str>) -> Stats {
+    let mut headers = reqwest::header::HeaderMap::new();
+    if let Some(k) = key {
+        headers.insert(
+            reqwest::header::AUTHORIZATION,
+            format!("Bearer {k}").parse().expect("header"),
+        );
+    }
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(512)
+        .default_headers(headers)
         .build()
         .expect("client");
     for _ in 0..64 {
@@ -169,6 +178,19 @@ fn main() {
                 .env("CAREWALL__MODERATION__ENABLED", "false"),
         );
         let on = Gateway::start(GatewayOptions::new(Some(mock.base_url())));
+        // Pass-through behind eight client keys (the check hashes the
+        // presented key and compares it with every digest).
+        let mut keyed_opts = GatewayOptions::new(Some(mock.base_url()))
+            .env("CAREWALL__MODERATION__ENABLED", "false");
+        keyed_opts.server_extra = format!(
+            "client_keys = [{}]\n",
+            (0..8)
+                .map(|i| format!("\"bench-client-key-{i:04}\""))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        let keyed = Gateway::start(keyed_opts);
+        let keyed_url = format!("{}/chat/completions", keyed.base_url());
         let direct_url = format!("{}/chat/completions", mock.base_url());
         let off_url = format!("{}/chat/completions", off.base_url());
         let on_url = format!("{}/chat/completions", on.base_url());
@@ -207,12 +229,12 @@ fn main() {
                 )
             );
         }
-        let d = open_loop(&direct_url, &body, rate, secs * 2.0).await;
+        let d = open_loop(&direct_url, &body, rate, secs * 2.0, None).await;
         println!(
             "{}",
             row(&format!("direct, open loop {rate} req/s"), &d, None)
         );
-        let o = open_loop(&off_url, &body, rate, secs * 2.0).await;
+        let o = open_loop(&off_url, &body, rate, secs * 2.0, None).await;
         println!(
             "{}",
             row(
@@ -221,6 +243,22 @@ fn main() {
                 Some(&d)
             )
         );
-        drop((off, on));
+        let k = open_loop(
+            &keyed_url,
+            &body,
+            rate,
+            secs * 2.0,
+            Some("bench-client-key-0007"),
+        )
+        .await;
+        println!(
+            "{}",
+            row(
+                &format!("gateway, moderation off, 8 client keys, open loop {rate} req/s"),
+                &k,
+                Some(&d)
+            )
+        );
+        drop((off, on, keyed));
     });
 }
