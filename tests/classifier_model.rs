@@ -189,8 +189,12 @@ async fn concurrent_requests_are_batched_through_the_classifier_trait() {
         .collect();
     for (pair, task) in pairs.iter().zip(tasks) {
         let got = task.await.expect("task").expect("scores");
-        let sum: f32 = got.0.iter().sum();
-        assert!((sum - 1.0).abs() < 1e-4, "probabilities sum to {sum}");
+        // Multi-view judgements (long replies, multi-turn contexts) are
+        // aggregated per category, so only the range is checked here.
+        assert!(
+            got.0.iter().all(|p| (0.0..=1.0).contains(p)),
+            "scores out of range: {got:?}"
+        );
         // int8 dynamic quantisation makes a pair's logits depend on its batch
         // companions (activation scales are per tensor), so batched scores
         // are compared loosely; the first trained model moves by up to ~0.015.
@@ -370,9 +374,13 @@ fn pre_cutting_huge_texts_keeps_the_tokens_the_model_sees() {
     };
     assert!(pair.context.chars().count() > layout.max_length * 32);
     let cut = model.encode(&pair).expect("encode");
-    let ctx = model.encoder().ids(&pair.context).expect("ids");
-    let resp = model.encoder().ids(&pair.response).expect("ids");
+    let norm = carewall::classifier::normalize::normalize;
+    let ctx = model.encoder().ids(&norm(&pair.context)).expect("ids");
+    let resp = model.encoder().ids(&norm(&pair.response)).expect("ids");
     let full = carewall::classifier::tokenize::assemble(&ctx, &resp, &layout);
     assert_eq!(cut, full);
     assert_eq!(cut.len(), layout.max_length);
+    // The response is not cut: every token is in some window.
+    let windows = model.encoder().encode_windows(&pair).expect("windows");
+    assert!(windows.len() > 20, "{} views", windows.len());
 }

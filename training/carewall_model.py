@@ -22,45 +22,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-LABELS = ["Nonsense", "Humanoid Mimicry", "Linguistic Neglect", "Unamiable Judgment",
-          "Toxic Language", "Unauthorized Preachment", "Nonfactual Statement", "Safe Response"]
-SAFE = 7
-
-
-@dataclass
-class Contract:
-    max_length: int = 256
-    max_response_tokens: int = 128
-    cls_id: int = 0
-    pad_id: int = 1
-    sep_id: int = 2
-
-
-def encode_pair(tok, context: str, response: str, c: Contract) -> tuple[list[int], list[int]]:
-    """Token ids and token type ids of one pair, exactly as the Rust side must build them."""
-    ctx = tok.encode(context, add_special_tokens=False).ids if context else []
-    rsp = tok.encode(response, add_special_tokens=False).ids if response else []
-    rsp = rsp[: c.max_response_tokens]
-    room = max(0, c.max_length - 4 - len(rsp))
-    ctx = ctx[max(0, len(ctx) - room):] if room else []
-    ids = [c.cls_id] + ctx + [c.sep_id, c.sep_id] + rsp + [c.sep_id]
-    tt = [0] * (len(ctx) + 3) + [1] * (len(rsp) + 1)
-    return ids, tt
-
-
-def encode_pairs(tok, pairs: list[tuple[str, str]], c: Contract) -> list[tuple[list[int], list[int]]]:
-    """Batch version of `encode_pair` (same result, uses the tokenizer's threads)."""
-    ctxs = tok.encode_batch([p[0] for p in pairs], add_special_tokens=False)
-    rsps = tok.encode_batch([p[1] for p in pairs], add_special_tokens=False)
-    out = []
-    for (cx, rx), ce, re_ in zip(pairs, ctxs, rsps):
-        ctx = ce.ids if cx else []
-        rsp = (re_.ids if rx else [])[: c.max_response_tokens]
-        room = max(0, c.max_length - 4 - len(rsp))
-        ctx = ctx[max(0, len(ctx) - room):] if room else []
-        out.append(([c.cls_id] + ctx + [c.sep_id, c.sep_id] + rsp + [c.sep_id],
-                    [0] * (len(ctx) + 3) + [1] * (len(rsp) + 1)))
-    return out
+# The input contract lives in encoding.py (torch-free, mirrored by the Rust side).
+from encoding import (LABELS, SAFE, Contract, aggregate, encode_pair, encode_pairs,  # noqa: E402,F401
+                      encode_windows)
 
 
 def pad_batch(rows: list[tuple[list[int], list[int]]], pad_id: int):

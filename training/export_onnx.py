@@ -120,57 +120,7 @@ def run_onnx(sess, rows, pad_id: int, batch: int = 16) -> np.ndarray:
     return np.concatenate(out)
 
 
-def parity_fixture(sess, tok, c: Contract, data: list[dict], path: Path, n: int = 16):
-    """~16 dev pairs (incl. a left-truncated long context, English, empty context) with the
-    exact ids and onnxruntime logits (each pair run alone, batch 1)."""
-    picks: list[dict] = []
-    lens = sorted(data, key=lambda r: -len(r["context"]))
-    picks.append(lens[0])  # longest context: left truncation
-    picks.append(lens[1])
-    picks.append({"id": "english", "context": "[seeker]I can't sleep and I feel like a failure at work.",
-                  "response": "[supporter]That sounds really hard. What happened at work this week?", "label": 7})
-    picks.append({"id": "empty-context", "context": "", "response": data[0]["response"], "label": data[0]["label"]})
-    picks.append({"id": "long-response", "context": data[5]["context"], "response": "[supporter]" + "我理解你的感受，" * 60, "label": 0})
-    # A context that fits but is longer than half the room: the whole context must be kept
-    # (an old negative slice start kept only its last room - len(ctx) tokens).
-    for r in data:
-        ctx = tok.encode(r["context"], add_special_tokens=False).ids if r["context"] else []
-        rsp = (tok.encode(r["response"], add_special_tokens=False).ids if r["response"] else [])[: c.max_response_tokens]
-        room = c.max_length - 4 - len(rsp)
-        if room / 2 < len(ctx) < room and len(ctx) >= 140:
-            picks.append(r)
-            break
-    seen = {str(p["id"]) for p in picks}
-    by_label: dict[int, list[dict]] = {}
-    for r in data:
-        by_label.setdefault(r["label"], []).append(r)
-    k = 0
-    while len(picks) < n:
-        for lab in sorted(by_label):
-            if k < len(by_label[lab]) and len(picks) < n and str(by_label[lab][k]["id"]) not in seen:
-                picks.append(by_label[lab][k])
-                seen.add(str(by_label[lab][k]["id"]))
-        k += 1
-    cases = []
-    for p in picks:
-        ids, tt = encode_pair(tok, p["context"], p["response"], c)
-        logits = run_onnx(sess, [(ids, tt)], c.pad_id)[0]
-        cases.append({"id": p["id"], "context": p["context"], "response": p["response"],
-                      "input_ids": ids, "token_type_ids": tt, "attention_mask": [1] * len(ids),
-                      "logits": [float(x) for x in logits],
-                      "probs": [float(x) for x in torch.softmax(torch.tensor(logits), -1)]})
-    # One padded batch of all cases: the Rust side may also check batched inference.
-    batched = run_onnx(sess, [(x["input_ids"], x["token_type_ids"]) for x in cases], c.pad_id, batch=len(cases))
-    for x, b in zip(cases, batched):
-        x["logits_batched"] = [float(v) for v in b]
-    # The graph has no batch-dependent numerics, so batched must equal alone up to rounding;
-    # the Rust tests compare both against the same tolerance.
-    gap = max(float(np.abs(np.array(x["logits"]) - np.array(x["logits_batched"])).max()) for x in cases)
-    if gap > 1e-4:
-        raise SystemExit(f"batched and batch-1 logits differ by {gap:.2e}: the graph is batch-dependent")
-    path.write_text(json.dumps({"labels": LABELS, "tolerance": 1e-4, "batched_vs_alone_max_abs_logit_diff": gap,
-                                "cases": cases},
-                               ensure_ascii=False, indent=1), encoding="utf-8")
+from parity import parity_fixture  # noqa: E402,F401  (torch-free, also a command of its own)
 
 
 def latency(sess, rows, pad_id: int, reps: int = 1):

@@ -89,8 +89,10 @@ impl KeywordClassifier {
     }
 
     /// Score a response synchronously.
+    /// The response is normalised first ([`super::normalize`]), like every
+    /// judged text.
     pub fn score(response: &str) -> Scores {
-        let lower = response.to_lowercase();
+        let lower = super::normalize::normalize(response).to_lowercase();
         let hit = RULES
             .iter()
             .find(|(_, phrases)| phrases.iter().any(|p| lower.contains(p)))

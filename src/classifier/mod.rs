@@ -174,9 +174,11 @@ pub trait Classifier: Send + Sync + 'static {
 }
 
 pub mod batch;
+pub mod coverage;
 pub mod keyword;
 pub mod metrics;
 pub mod model;
+pub mod normalize;
 pub mod onnx;
 mod settings;
 pub mod tokenize;

@@ -37,6 +37,15 @@ pub struct ModelSpec {
     pub max_length: usize,
     /// Response tokens kept (cut at the end) before the context gets the rest.
     pub max_response_tokens: usize,
+    /// Most context tokens in one window (the newest are kept), so a long
+    /// history can never crowd out the reply. Absent: `max_length - 4`
+    /// (the context takes whatever the response leaves).
+    #[serde(default)]
+    pub max_context_tokens: Option<usize>,
+    /// Response tokens a window repeats from the one before it, so a
+    /// sentence cut by a window edge is also seen whole. Absent: 32.
+    #[serde(default)]
+    pub window_overlap_tokens: Option<usize>,
     pub cls_id: u32,
     pub sep_id: u32,
     pub pad_id: u32,
@@ -102,6 +111,22 @@ impl ModelSpec {
                 self.max_length - 4,
                 self.max_response_tokens
             ));
+        }
+        if let Some(c) = self.max_context_tokens {
+            if c > self.max_length.saturating_sub(4) {
+                problems.push(format!(
+                    "`max_context_tokens` must be at most max_length - 4 = {}, got {c}",
+                    self.max_length.saturating_sub(4)
+                ));
+            }
+        }
+        if let Some(o) = self.window_overlap_tokens {
+            if o * 2 > self.max_response_tokens {
+                problems.push(format!(
+                    "`window_overlap_tokens` must be at most half of max_response_tokens ({}), got {o}",
+                    self.max_response_tokens
+                ));
+            }
         }
         for required in ["input_ids", "attention_mask"] {
             if !self.inputs.iter().any(|i| i == required) {

@@ -15,8 +15,9 @@ use ort::session::{Session, SessionInputValue};
 use ort::value::{TensorElementType, TensorRef, ValueType};
 
 use super::batch::{BatchConfig, BatchEngine, BatchStats, Batcher};
+use super::coverage;
 use super::model::{init_ort, load_tokenizer, locate_ort_dylib, ModelFiles, ModelSpec};
-use super::tokenize::{pad, softmax, EncodedPair, Layout, PaddedBatch, PairEncoder};
+use super::tokenize::{pad, softmax, EncodedPair, Layout, PaddedBatch, PairEncoder, View};
 use super::{BuildError, Category, Classifier, ClassifierSettings, ClassifyFuture, Pair, Scores};
 
 /// One ONNX session plus the shared tokeniser: scores batches synchronously.
@@ -123,23 +124,33 @@ impl OnnxModel {
             .collect())
     }
 
-    /// Tokenise, run and softmax: probabilities per pair, in input order.
-    /// Pairs of similar length share a session call (see [`length_groups`]).
+    /// Tokenise, run and softmax: one judgement per pair, in input order.
+    /// Every window of every pair ([`coverage`]) is scored; windows of
+    /// similar length share a session call (see [`length_groups`]), across
+    /// pairs, and each pair's views are then aggregated.
     pub fn scores(&mut self, pairs: &[&Pair]) -> Result<Vec<Scores>, String> {
-        let encoded = pairs
-            .iter()
-            .map(|p| self.encoder.encode(p))
-            .collect::<Result<Vec<_>, _>>()?;
+        let mut views: Vec<(usize, View)> = Vec::new();
+        let mut encoded: Vec<EncodedPair> = Vec::new();
+        for (i, p) in pairs.iter().enumerate() {
+            for (v, e) in self.encoder.encode_windows(p)? {
+                views.push((i, v));
+                encoded.push(e);
+            }
+        }
         let lengths: Vec<usize> = encoded.iter().map(EncodedPair::len).collect();
-        let mut out = vec![Scores([0.0; 8]); pairs.len()];
+        let mut probs = vec![Scores([0.0; 8]); encoded.len()];
         for group in length_groups(&lengths, PADDING_SLACK, MAX_TOKENS_PER_CALL) {
             let members: Vec<EncodedPair> = group.iter().map(|&i| encoded[i].clone()).collect();
             let logits = self.logits(&pad(&members, self.spec.pad_id))?;
             for (&i, l) in group.iter().zip(&logits) {
-                out[i] = probabilities(l);
+                probs[i] = probabilities(l);
             }
         }
-        Ok(out)
+        let mut per_pair: Vec<Vec<(View, Scores)>> = vec![Vec::new(); pairs.len()];
+        for ((i, v), p) in views.into_iter().zip(probs) {
+            per_pair[i].push((v, p));
+        }
+        Ok(per_pair.iter().map(|v| coverage::aggregate(v)).collect())
     }
 }
 

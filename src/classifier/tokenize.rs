@@ -12,6 +12,10 @@ use super::Pair;
 pub struct Layout {
     pub max_length: usize,
     pub max_response_tokens: usize,
+    /// Most context tokens in one window (newest kept).
+    pub max_context_tokens: usize,
+    /// Response tokens a window repeats from the previous one.
+    pub window_overlap_tokens: usize,
     pub cls_id: u32,
     pub sep_id: u32,
     pub pad_id: u32,
@@ -22,6 +26,10 @@ impl From<&ModelSpec> for Layout {
         Layout {
             max_length: s.max_length,
             max_response_tokens: s.max_response_tokens,
+            max_context_tokens: s
+                .max_context_tokens
+                .unwrap_or(s.max_length.saturating_sub(4)),
+            window_overlap_tokens: s.window_overlap_tokens.unwrap_or(DEFAULT_OVERLAP_TOKENS),
             cls_id: s.cls_id,
             sep_id: s.sep_id,
             pad_id: s.pad_id,
@@ -49,12 +57,24 @@ impl EncodedPair {
     }
 }
 
+/// Response tokens a window repeats when `carewall-model.json` does not say.
+pub const DEFAULT_OVERLAP_TOKENS: usize = 32;
+
+/// Most windows one pair may need (about 23,000 response tokens with the
+/// shipped limits); a longer reply is an error the policy's `on_error`
+/// handles, never a silent cut.
+pub const MAX_WINDOWS_PER_PAIR: usize = 256;
+
 /// XLM-R pair layout: `[cls] + context[-k:] + [sep, sep] + response[:r] + [sep]`
-/// with `r = max_response_tokens` and `k = max_length - 4 - len(response)`,
-/// so the newest context turns survive truncation.
+/// with `r = max_response_tokens` and
+/// `k = min(max_context_tokens, max_length - 4 - len(response))`, so the
+/// newest context turns survive truncation and never crowd out the reply.
 pub fn assemble(context: &[u32], response: &[u32], layout: &Layout) -> EncodedPair {
     let response = &response[..response.len().min(layout.max_response_tokens)];
-    let budget = layout.max_length.saturating_sub(4 + response.len());
+    let budget = layout
+        .max_length
+        .saturating_sub(4 + response.len())
+        .min(layout.max_context_tokens);
     // Python's `ids[-0:]` would keep everything; an explicit start index
     // keeps "no room" meaning no context.
     let context = &context[context.len().saturating_sub(budget)..];
@@ -75,15 +95,40 @@ pub fn assemble(context: &[u32], response: &[u32], layout: &Layout) -> EncodedPa
     }
 }
 
-/// Tokeniser plus layout: text pair in, [`EncodedPair`] out.
+/// Tokeniser plus layout: text pair in, [`EncodedPair`]s out.
 pub struct PairEncoder {
     tokenizer: tokenizers::Tokenizer,
     layout: Layout,
+    /// Token ids of [`RESPONSE_PREFIX`] alone: the start of every window
+    /// after the first, so each window reads like a whole reply.
+    prefix: Vec<u32>,
+}
+
+/// The tag every response starts with (`[supporter]`, the benchmark format).
+pub const RESPONSE_PREFIX: &str = "[supporter]";
+
+/// One view of a pair that the model scores: window `index` of the
+/// response (0 = its beginning), with the full (capped) context or only the
+/// seeker's last turn.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct View {
+    pub index: usize,
+    pub short_context: bool,
+    /// First response token of the window (in the whole response's ids).
+    pub start_token: usize,
 }
 
 impl PairEncoder {
     pub fn new(tokenizer: tokenizers::Tokenizer, layout: Layout) -> PairEncoder {
-        PairEncoder { tokenizer, layout }
+        let prefix = tokenizer
+            .encode(RESPONSE_PREFIX, false)
+            .map(|e| e.get_ids().to_vec())
+            .unwrap_or_default();
+        PairEncoder {
+            tokenizer,
+            layout,
+            prefix,
+        }
     }
 
     pub fn layout(&self) -> &Layout {
@@ -98,38 +143,86 @@ impl PairEncoder {
             .map_err(|e| format!("tokenizer failed: {e}"))
     }
 
-    /// Encode a pair per the input contract.
-    ///
-    /// Texts far longer than the model can see are cut (by characters)
-    /// before tokenisation, so a huge message cannot stall a worker; the
-    /// margin of [`CHARS_PER_TOKEN_MARGIN`] characters per kept token leaves
-    /// the kept tokens unchanged (SentencePiece pieces are at most 16
-    /// characters), which the parity tests check on long inputs.
+    /// The first window of a pair with its full context, per the input
+    /// contract (what `parity.json`'s `input_ids` pin). A pair whose
+    /// response fits one window is judged on this view (and, with a
+    /// multi-turn context, on the seeker's last turn).
     pub fn encode(&self, pair: &Pair) -> Result<EncodedPair, String> {
-        let context = tail_chars(
+        let windows = self.encode_windows(pair)?;
+        windows
+            .into_iter()
+            .next()
+            .map(|(_, e)| e)
+            .ok_or_else(|| "no window".to_string())
+    }
+
+    /// Every view the model must score so that every token of the response
+    /// is seen (see [`super::coverage`]): the response split into windows of
+    /// `max_response_tokens` with `window_overlap_tokens` of overlap, each
+    /// with the newest context (at most `max_context_tokens`), and again
+    /// with only the seeker's last turn when the context holds more.
+    ///
+    /// Both texts are normalised first ([`super::normalize`]). The context
+    /// is pre-cut by characters so a huge history cannot stall a worker;
+    /// the margin of [`CHARS_PER_TOKEN_MARGIN`] characters per kept token
+    /// leaves the kept tokens unchanged. The response is never cut: a reply
+    /// that needs more than [`MAX_WINDOWS_PER_PAIR`] windows is an error.
+    pub fn encode_windows(&self, pair: &Pair) -> Result<Vec<(View, EncodedPair)>, String> {
+        let l = &self.layout;
+        let context = super::normalize::normalize(tail_chars(
             &pair.context,
-            self.layout.max_length * CHARS_PER_TOKEN_MARGIN,
-        );
-        let response = head_chars(
-            &pair.response,
-            self.layout.max_response_tokens * CHARS_PER_TOKEN_MARGIN,
-        );
-        let context = self.ids(context)?;
-        let response = self.ids(response)?;
-        Ok(assemble(&context, &response, &self.layout))
+            l.max_length * CHARS_PER_TOKEN_MARGIN,
+        ));
+        let limit = MAX_WINDOWS_PER_PAIR * l.max_response_tokens * CHARS_PER_TOKEN_MARGIN;
+        if pair.response.len() > limit {
+            return Err(format!(
+                "response too long to judge: {} bytes (more than {MAX_WINDOWS_PER_PAIR} windows)",
+                pair.response.len()
+            ));
+        }
+        let response = super::normalize::normalize(&pair.response);
+        let ctx = self.ids(&context)?;
+        let short = super::coverage::last_seeker_turn(&context);
+        let short_ids = if short.len() < context.len() {
+            Some(self.ids(short)?)
+        } else {
+            None
+        };
+        let rsp = self.ids(&response)?;
+        let spans = super::coverage::response_spans(rsp.len(), l, self.prefix.len());
+        if spans.len() > MAX_WINDOWS_PER_PAIR {
+            return Err(format!(
+                "response too long to judge: {} windows (at most {MAX_WINDOWS_PER_PAIR})",
+                spans.len()
+            ));
+        }
+        let mut out = Vec::with_capacity(spans.len() * 2);
+        for (index, &(start, end)) in spans.iter().enumerate() {
+            let body: Vec<u32> = if index == 0 {
+                rsp[start..end].to_vec()
+            } else {
+                self.prefix
+                    .iter()
+                    .chain(&rsp[start..end])
+                    .copied()
+                    .collect()
+            };
+            let view = |short_context| View {
+                index,
+                short_context,
+                start_token: start,
+            };
+            out.push((view(false), assemble(&ctx, &body, l)));
+            if let Some(s) = &short_ids {
+                out.push((view(true), assemble(s, &body, l)));
+            }
+        }
+        Ok(out)
     }
 }
 
 /// Characters kept per token the model can see when pre-cutting long texts.
 pub const CHARS_PER_TOKEN_MARGIN: usize = 32;
-
-/// The first `n` characters of `s`.
-fn head_chars(s: &str, n: usize) -> &str {
-    match s.char_indices().nth(n) {
-        Some((i, _)) => &s[..i],
-        None => s,
-    }
-}
 
 /// The last `n` characters of `s`.
 fn tail_chars(s: &str, n: usize) -> &str {
@@ -192,6 +285,8 @@ mod tests {
     const L: Layout = Layout {
         max_length: 12,
         max_response_tokens: 4,
+        max_context_tokens: 8,
+        window_overlap_tokens: 1,
         cls_id: 0,
         sep_id: 2,
         pad_id: 1,
@@ -253,6 +348,19 @@ mod tests {
     }
 
     #[test]
+    fn context_share_is_capped() {
+        // Response of 1 token leaves room for 7 context tokens, but the cap
+        // (max_context_tokens = 8) is not reached; with a cap of 3 only the
+        // newest 3 survive.
+        let capped = Layout {
+            max_context_tokens: 3,
+            ..L
+        };
+        let got = assemble(&[10, 11, 12, 13, 14], &[20], &capped);
+        assert_eq!(got.input_ids, [0, 12, 13, 14, 2, 2, 20, 2]);
+    }
+
+    #[test]
     fn no_context_room_means_no_context() {
         let tight = Layout {
             max_length: 8,
@@ -277,12 +385,9 @@ mod tests {
 
     #[test]
     fn char_cuts_respect_utf8() {
-        assert_eq!(head_chars("你好吗abc", 2), "你好");
-        assert_eq!(head_chars("ab", 5), "ab");
         assert_eq!(tail_chars("abc你好吗", 2), "好吗");
         assert_eq!(tail_chars("ab", 5), "ab");
         assert_eq!(tail_chars("ab", 0), "");
-        assert_eq!(head_chars("ab", 0), "");
     }
 
     #[test]
