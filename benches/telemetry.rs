@@ -18,7 +18,7 @@ fn metrics(c: &mut Criterion) {
     c.bench_function("record_response (3 labels)", |b| {
         b.iter(|| {
             i = i.wrapping_add(1);
-            m.record_response(black_box(categories[i % 8]), "allow", "enforce")
+            m.record_response(black_box(categories[i % 8].key()), "allow", "enforce")
         })
     });
     c.bench_function("record_request (route, status)", |b| {
@@ -53,7 +53,7 @@ fn metrics(c: &mut Criterion) {
                 r.classification("window").done(Category::SafeResponse, 0.9);
                 r.client_first_token();
                 r.classification("final").done(Category::SafeResponse, 0.9);
-                r.set_verdict(Category::SafeResponse, "allow", "enforce", "default");
+                r.set_verdict(Category::SafeResponse.key(), "allow", "enforce", "default");
                 call.finish(Some(200), None);
                 r.finish(200);
             })

@@ -113,8 +113,14 @@ async fn stream(gw: &Gateway, policy: &str, user: &str) -> (String, Option<Finis
 fn assert_real_scores(v: &Value) {
     let scores = v["scores"].as_object().expect("scores");
     assert_eq!(scores.len(), 8, "{v}");
-    let sum: f64 = scores.values().filter_map(Value::as_f64).sum();
-    assert!((sum - 1.0).abs() < 1e-3, "probabilities sum to 1: {v}");
+    // Judgements merged over windows and context views are per-category
+    // probabilities, not one distribution (classifier::coverage).
+    assert!(
+        scores
+            .values()
+            .all(|p| p.as_f64().is_some_and(|p| (0.0..=1.0).contains(&p))),
+        "probabilities in [0, 1]: {v}"
+    );
     assert!(
         v["classifier"]
             .as_str()

@@ -33,11 +33,11 @@ fn traffic(m: &Metrics) {
         Duration::from_millis(130),
         Duration::from_millis(100),
     );
-    m.record_response(Category::ToxicLanguage, "replace", "enforce");
+    m.record_response(Category::ToxicLanguage.key(), "replace", "enforce");
 
     m.record_request("/v1/chat/completions", 200);
-    m.record_response(Category::SafeResponse, "allow", "enforce");
-    m.record_response(Category::HumanoidMimicry, "append", "shadow");
+    m.record_response(Category::SafeResponse.key(), "allow", "enforce");
+    m.record_response(Category::HumanoidMimicry.key(), "append", "shadow");
 }
 
 #[test]

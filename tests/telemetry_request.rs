@@ -80,7 +80,12 @@ async fn one_flagged_stream_and_one_cancelled_request() -> anyhow::Result<()> {
             "replace",
             "enforce",
         );
-        req.set_verdict(Category::ToxicLanguage, "replace", "enforce", "default");
+        req.set_verdict(
+            Category::ToxicLanguage.key(),
+            "replace",
+            "enforce",
+            "default",
+        );
         let c = req.classification("final");
         c.failed("timeout");
         req.set_usage(30, 12);

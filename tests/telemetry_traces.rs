@@ -79,7 +79,7 @@ fn flagged_request(incoming: &HeaderMap, request_id: &str) -> HeaderMap {
     spans::record_classification(&decision, Category::ToxicLanguage, 0.91);
     spans::record_verdict(
         &decision,
-        Category::ToxicLanguage,
+        Category::ToxicLanguage.key(),
         "replace",
         "enforce",
         "default",
@@ -89,7 +89,7 @@ fn flagged_request(incoming: &HeaderMap, request_id: &str) -> HeaderMap {
 
     spans::record_verdict(
         &request,
-        Category::ToxicLanguage,
+        Category::ToxicLanguage.key(),
         "replace",
         "enforce",
         "default",
@@ -108,7 +108,7 @@ fn flagged_request(incoming: &HeaderMap, request_id: &str) -> HeaderMap {
         stream: true,
         model: Some("gpt-4o-mini"),
         streaming: Some("window"),
-        category: Some(Category::ToxicLanguage),
+        category: Some(Category::ToxicLanguage.key()),
         action: Some("replace"),
         mode: Some("enforce"),
         policy: Some("default"),

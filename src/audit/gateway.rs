@@ -45,13 +45,23 @@ impl ExchangeSink for GatewayAuditSink {
 /// The action to record and whether it was only a shadow finding. In
 /// shadow mode nothing was done, so the record carries what the policy
 /// would have done (the strictest shadow finding), marked shadow.
+///
+/// Text released without a classification covering it (the classifier
+/// failed and `on_error` let it through) is always recorded, with the
+/// action `unclassified` unless a remedy was applied to it as well.
 fn audited_action(record: &ExchangeRecord) -> (String, bool) {
     let v = &record.verdict;
     match (v.mode, v.shadow.first()) {
         (Some(Mode::Shadow), Some(would)) => (would.action.key().to_string(), true),
+        _ if v.unclassified && !v.action.changes_text() && v.category.is_none() => {
+            (UNCLASSIFIED.to_string(), false)
+        }
         _ => (v.action.key().to_string(), false),
     }
 }
+
+/// The audit action of a response released without judgement.
+pub const UNCLASSIFIED: &str = "unclassified";
 
 /// The streaming mode as shown in the console.
 pub fn streaming_label(stream: bool, mode: Option<StreamMode>) -> &'static str {
@@ -86,9 +96,11 @@ pub fn audit_record(record: ExchangeRecord, action: String, shadow: bool) -> Aud
         threshold,
         ..
     } = record;
+    // An unclassified release names no category (its action says
+    // `unclassified`); the column needs one, so it holds safe_response.
     let category = match (shadow, verdict.shadow.first()) {
         (true, Some(would)) => would.category,
-        _ => verdict.category,
+        _ => verdict.category.unwrap_or(Category::SafeResponse),
     };
     let latency = Latency {
         classifier_ms: Some(ms(timings.classify_total)),
@@ -171,7 +183,8 @@ mod tests {
                 policy: "default".into(),
                 policy_version: "3".into(),
                 streaming: Some(StreamMode::Window),
-                category: Category::ToxicLanguage,
+                category: Some(Category::ToxicLanguage),
+                unclassified: false,
                 flagged: mode.is_some(),
                 action,
                 mode,

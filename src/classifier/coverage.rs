@@ -84,6 +84,18 @@ pub fn aggregate(views: &[(View, Scores)]) -> Scores {
     out
 }
 
+/// Fold a later judgement of the same response (the next window of a
+/// stream) into `into`, by the rules of [`aggregate`]: harm categories keep
+/// the highest score, Safe Response the lowest, Nonsense and Linguistic
+/// Neglect stay those of the opening.
+pub fn merge(into: &mut Scores, next: &Scores) {
+    for c in HARM {
+        into.0[c.id()] = into.0[c.id()].max(next.get(c));
+    }
+    let safe = Category::SafeResponse.id();
+    into.0[safe] = into.0[safe].min(next.0[safe]);
+}
+
 /// The view whose score decided `category` in [`aggregate`] (the first one
 /// reaching the maximum), for verdicts that name where a finding was.
 pub fn decisive(views: &[(View, Scores)], category: Category) -> Option<View> {

@@ -93,11 +93,12 @@ pub async fn run(job: CompleteJob, first: Value) -> (Value, Verdict) {
                 if let Some(span) = span {
                     span.failed(super::error_kind(&e));
                 }
-                tally.gate_error(&job.policy, &e, false)
+                tally.gate_error(&job.policy, &e, false, false)
             }
         };
         match gate {
-            Gate::Release => {
+            // One check per response: `hold` has nothing later to wait for.
+            Gate::Release | Gate::Hold => {
                 let text = format!(
                     "{upstream_text}{}",
                     appendix(&job.policy, &tally.appends, lang)
@@ -145,7 +146,7 @@ pub async fn run(job: CompleteJob, first: Value) -> (Value, Verdict) {
     }
     let verdict = tally.verdict(&meta);
     job.probe.set_verdict(
-        verdict.category,
+        verdict.category_label(),
         verdict.action.key(),
         mode_key(verdict.mode),
         &verdict.policy,
@@ -158,7 +159,10 @@ pub async fn run(job: CompleteJob, first: Value) -> (Value, Verdict) {
         outcome: ExchangeOutcome::Completed,
         model: job.request.model.clone(),
         user: job.request.user.clone(),
-        threshold: job.policy.rules.get(&verdict.category).map(|r| r.threshold),
+        threshold: verdict
+            .category
+            .and_then(|c| job.policy.rules.get(&c))
+            .map(|r| r.threshold),
         stream: false,
         context: job.request.context.clone(),
         upstream_text,

@@ -52,15 +52,22 @@ use crate::telemetry::RequestProbe;
 pub const BOUNDARIES: &[char] = &['。', '！', '？', '!', '?', '.', '\n'];
 
 /// Byte index up to which `pending` is ready for classification: after the
-/// last sentence boundary, else after `max_hold` characters, else none.
-pub fn ready_cut(pending: &str, max_hold: usize) -> Option<usize> {
+/// last sentence boundary once at least `min_segment` characters are
+/// pending (tiny sentences are merged, so a reply of one-character
+/// sentences cannot cost one classification each), else after `max_hold`
+/// characters, else none.
+pub fn ready_cut(pending: &str, max_hold: usize, min_segment: usize) -> Option<usize> {
     let mut cut = None;
+    let mut chars = 0;
+    let mut chars_at_cut = 0;
     for (i, ch) in pending.char_indices() {
+        chars += 1;
         if BOUNDARIES.contains(&ch) {
             cut = Some(i + ch.len_utf8());
+            chars_at_cut = chars;
         }
     }
-    if cut.is_some() {
+    if cut.is_some() && chars_at_cut >= min_segment {
         return cut;
     }
     pending
@@ -74,6 +81,51 @@ pub fn ready_cut(pending: &str, max_hold: usize) -> Option<usize> {
                 None
             }
         })
+}
+
+/// Shortest window-mode segment (in characters) judged on its own once
+/// [`EAGER_SEGMENTS`] checks were made: later sentences shorter than this
+/// wait for the next ones, so a reply of one-character sentences costs
+/// about one classification per 48 characters, not one per sentence.
+pub const MIN_SEGMENT_CHARS: usize = 48;
+
+/// Window-mode checks made sentence by sentence, however short, at the
+/// start of a reply (where the time to the first token matters).
+pub const EAGER_SEGMENTS: u32 = 4;
+
+/// The minimum segment length after `checks` window checks.
+pub fn min_segment(checks: u32) -> usize {
+    if checks < EAGER_SEGMENTS {
+        1
+    } else {
+        MIN_SEGMENT_CHARS
+    }
+}
+
+/// Characters of already released text judged again in front of each new
+/// window-mode segment, so a sentence is judged with what came just before
+/// it while the work per reply stays linear in its length. Replies shorter
+/// than this are judged whole at every step, exactly as in buffer mode.
+pub const OVERLAP_CHARS: usize = 200;
+
+/// The text judged in front of a new segment: the last [`OVERLAP_CHARS`]
+/// characters of `released`, starting after a sentence boundary when one
+/// falls inside them. Returns the text and whether it is all of `released`
+/// (the judged text then starts at the reply's beginning).
+pub fn overlap_tail(released: &str) -> (&str, bool) {
+    let Some((start, _)) = released.char_indices().rev().nth(OVERLAP_CHARS - 1) else {
+        return (released, true);
+    };
+    if start == 0 {
+        return (released, true);
+    }
+    let tail = &released[start..];
+    let after_boundary = tail
+        .char_indices()
+        .find(|(_, c)| BOUNDARIES.contains(c))
+        .map(|(i, c)| i + c.len_utf8())
+        .filter(|&i| i < tail.len());
+    (after_boundary.map_or(tail, |i| &tail[i..]), false)
 }
 
 /// Everything one streamed exchange needs.
@@ -305,7 +357,10 @@ pub async fn run(job: StreamJob, first: DataStream, tx: mpsc::Sender<Bytes>) -> 
         outcome,
         model: job.request.model.clone(),
         user: job.request.user.clone(),
-        threshold: job.policy.rules.get(&verdict.category).map(|r| r.threshold),
+        threshold: verdict
+            .category
+            .and_then(|c| job.policy.rules.get(&c))
+            .map(|r| r.threshold),
         stream: true,
         context: job.request.context.clone(),
         upstream_text: std::mem::take(&mut run.upstream_text),
@@ -320,7 +375,7 @@ pub async fn run(job: StreamJob, first: DataStream, tx: mpsc::Sender<Bytes>) -> 
     };
     job.sink.record(record);
     job.probe.set_verdict(
-        verdict.category,
+        verdict.category_label(),
         verdict.action.key(),
         mode_key(verdict.mode),
         &verdict.policy,
@@ -414,10 +469,13 @@ impl Run<'_> {
         }
     }
 
-    /// Classify `reply` (the response so far) and gate it. `None`: the
-    /// client went away while waiting.
-    /// `last`: the check of the complete response (not a window).
-    async fn check(&mut self, reply: &str, last: bool) -> Option<Gate> {
+    /// Classify `reply` (a segment with the overlap before it, or the whole
+    /// response) and gate it. `None`: the client went away while waiting.
+    /// `last`: the check of the end of the response (not a window).
+    /// `whole`: `reply` starts at the response's beginning; otherwise only
+    /// the harm categories count (Nonsense and Linguistic Neglect are
+    /// judged on the reply's opening, see `classifier::coverage`).
+    async fn check(&mut self, reply: &str, last: bool, whole: bool) -> Option<Gate> {
         let observe = self.job.mode == StreamMode::Observe;
         let response = response_text(reply);
         let closed = self.out.tx.clone();
@@ -438,8 +496,11 @@ impl Run<'_> {
         };
         let released_any = !self.released.is_empty();
         let gate = match res {
-            Ok(c) => {
+            Ok(mut c) => {
                 self.classify_total += c.elapsed;
+                if !whole {
+                    opening_only(&mut c.scores);
+                }
                 let d = self.job.policy.decide(&c.scores);
                 super::observe_decision(&self.job.probe, span, &self.job.policy.name, &d, &c);
                 self.tally
@@ -450,7 +511,9 @@ impl Run<'_> {
                 if let Some(span) = span {
                     span.failed(super::error_kind(&e));
                 }
-                self.tally.gate_error(&self.job.policy, &e, observe)
+                let can_hold = self.job.mode == StreamMode::Window && !last;
+                self.tally
+                    .gate_error(&self.job.policy, &e, observe, can_hold)
             }
         };
         Some(gate)
@@ -575,12 +638,26 @@ impl Run<'_> {
             if self.job.mode != StreamMode::Window {
                 continue;
             }
-            while let Some(cut) = ready_cut(&self.pending, self.job.policy.max_hold_chars) {
-                let segment: String = self.pending.drain(..cut).collect();
-                let candidate = format!("{}{}", self.released, segment);
-                match self.check(&candidate, false).await {
+            while let Some(cut) = ready_cut(
+                &self.pending,
+                self.job.policy.max_hold_chars,
+                min_segment(self.tally.classifications),
+            ) {
+                let segment: String = self.pending[..cut].to_string();
+                let (overlap, whole) = overlap_tail(&self.released);
+                let candidate = format!("{overlap}{segment}");
+                match self.check(&candidate, false, whole).await {
                     None => return AttemptEnd::Gone,
+                    Some(Gate::Hold) => {
+                        // Keep it held; the next check (at the latest the
+                        // final one) judges it again with what follows.
+                        break;
+                    }
                     Some(Gate::Release) => {
+                        self.pending.drain(..cut);
+                        if self.tally.error.is_some() && !self.tally.unjudged {
+                            self.tally.recovered();
+                        }
                         if self.out.text(&segment).await.is_err() {
                             return AttemptEnd::Gone;
                         }
@@ -604,12 +681,14 @@ impl Run<'_> {
 
     async fn finish_attempt(&mut self) -> AttemptEnd {
         let observe = self.job.mode == StreamMode::Observe;
-        let full = format!("{}{}", self.released, self.pending);
+        // Only what no window covered is judged (with the overlap before it).
+        let (overlap, whole) = overlap_tail(&self.released);
+        let rest = format!("{overlap}{}", self.pending);
         let covered = self.pending.is_empty() && self.classified_upto == Some(self.released.len());
-        if !full.is_empty() && !covered {
-            match self.check(&full, true).await {
+        if !rest.is_empty() && !covered {
+            match self.check(&rest, true, whole).await {
                 None => return AttemptEnd::Gone,
-                Some(Gate::Release) => {}
+                Some(Gate::Release) | Some(Gate::Hold) => {}
                 Some(Gate::Retry(c)) => return AttemptEnd::Retry(c),
                 Some(Gate::Stop { action, category }) => return self.stop(action, category).await,
             }
@@ -669,6 +748,15 @@ impl Run<'_> {
             return AttemptEnd::Gone;
         }
         AttemptEnd::Done
+    }
+}
+
+/// A window-mode check of text that does not start at the reply's
+/// beginning: drop Nonsense and Linguistic Neglect (properties of how the
+/// whole reply answers the seeker, judged on its opening).
+fn opening_only(scores: &mut crate::classifier::Scores) {
+    for c in [Category::Nonsense, Category::LinguisticNeglect] {
+        scores.0[c.id()] = 0.0;
     }
 }
 

@@ -223,13 +223,21 @@ async fn window(pieces: &[&str]) -> Outcome {
 
 #[test]
 fn ready_cut_finds_last_boundary_or_hold_limit() {
-    assert_eq!(ready_cut("Hi. How", 100), Some(3));
-    assert_eq!(ready_cut("你好。我在！听", 100), Some("你好。我在！".len()));
-    assert_eq!(ready_cut("no boundary yet", 100), None);
-    assert_eq!(ready_cut("abcdef", 4), Some(4));
-    assert_eq!(ready_cut("一二三四五", 3), Some("一二三".len()));
-    assert_eq!(ready_cut("abcd", 4), Some(4));
-    assert_eq!(ready_cut("line\nnext", 100), Some(5));
+    assert_eq!(ready_cut("Hi. How", 100, 1), Some(3));
+    assert_eq!(
+        ready_cut("你好。我在！听", 100, 1),
+        Some("你好。我在！".len())
+    );
+    assert_eq!(ready_cut("no boundary yet", 100, 1), None);
+    assert_eq!(ready_cut("abcdef", 4, 1), Some(4));
+    assert_eq!(ready_cut("一二三四五", 3, 1), Some("一二三".len()));
+    // Tiny sentences wait until MIN_SEGMENT_CHARS characters are pending.
+    assert_eq!(ready_cut("a.b.c.", 100, 24), None);
+    let many = "a.".repeat(12);
+    assert_eq!(ready_cut(&many, 100, 24), Some(24));
+    assert_eq!(ready_cut(&"a.".repeat(100), 160, 24), Some(200));
+    assert_eq!(ready_cut("abcd", 4, 1), Some(4));
+    assert_eq!(ready_cut("line\nnext", 100, 1), Some(5));
 }
 
 #[tokio::test(start_paused = true)]

@@ -27,8 +27,13 @@ pub struct Verdict {
     /// `null` for non-streaming responses.
     pub streaming: Option<StreamMode>,
     /// The category the applied action is for; if nothing was enforced, the
-    /// top shadow finding; else the most probable category.
-    pub category: Category,
+    /// top shadow finding; else the most probable category. `null` when
+    /// nothing was judged (no text), or when text was released unclassified
+    /// and nothing was flagged.
+    pub category: Option<Category>,
+    /// True when some text reached the client without a classification
+    /// covering it (the classifier failed and `on_error` released it).
+    pub unclassified: bool,
     /// True when any category crossed its threshold (enforce or shadow).
     pub flagged: bool,
     /// What was done to the response.
@@ -36,8 +41,10 @@ pub struct Verdict {
     /// `enforce` when an action was applied for a flagged category, `shadow`
     /// when findings were only recorded, `null` when nothing was flagged.
     pub mode: Option<Mode>,
-    /// All 8 probabilities of the classification of the complete response
-    /// (`null` if it could not be classified).
+    /// The judgement of the complete response: the classifications of all
+    /// its windows merged (harm categories: the highest; Nonsense and
+    /// Linguistic Neglect: the reply's opening; see `classifier::coverage`).
+    /// `null` if it could not be classified.
     #[serde(serialize_with = "ser_scores")]
     pub scores: Option<Scores>,
     /// Findings that changed nothing (shadow mode, observe streams).
@@ -139,6 +146,9 @@ pub enum Gate {
         action: Action,
         category: Option<Category>,
     },
+    /// The check failed and `on_error = "hold"`: keep the text held and
+    /// judge it again with the next check.
+    Hold,
 }
 
 /// Accumulates classifications of one response into its verdict.
@@ -157,6 +167,8 @@ pub struct Tally {
     pub retried_for: Option<Category>,
     top: Option<Category>,
     flagged: BTreeSet<Category>,
+    /// Text was released without a passing classification.
+    pub unjudged: bool,
 }
 
 impl Default for Tally {
@@ -173,6 +185,7 @@ impl Default for Tally {
             retried_for: None,
             top: None,
             flagged: BTreeSet::new(),
+            unjudged: false,
         }
     }
 }
@@ -209,7 +222,10 @@ impl Tally {
         observe: bool,
     ) -> Gate {
         self.classifications += 1;
-        self.last_scores = Some(scores);
+        match &mut self.last_scores {
+            Some(merged) => crate::classifier::coverage::merge(merged, &scores),
+            None => self.last_scores = Some(scores),
+        }
         self.top = Some(decision.top);
         self.flagged.extend(
             decision
@@ -260,17 +276,39 @@ impl Tally {
     }
 
     /// Record a classifier failure and apply the policy's `on_error`.
-    pub fn gate_error(&mut self, policy: &Policy, err: &ClassifyError, observe: bool) -> Gate {
+    /// `can_hold`: a later check will cover this text (a window check in
+    /// `window` mode). Text released here is marked unjudged.
+    pub fn gate_error(
+        &mut self,
+        policy: &Policy,
+        err: &ClassifyError,
+        observe: bool,
+        can_hold: bool,
+    ) -> Gate {
         self.error = Some(err.to_string());
-        if observe {
-            return Gate::Release;
+        let gate = if observe {
+            Gate::Release
+        } else {
+            match policy.on_error() {
+                OnError::FailOpen => Gate::Release,
+                OnError::Hold if can_hold => Gate::Hold,
+                OnError::Hold => Gate::Release,
+                OnError::FailClosed => Gate::Stop {
+                    action: Action::Replace,
+                    category: None,
+                },
+            }
+        };
+        if gate == Gate::Release {
+            self.unjudged = true;
         }
-        match policy.on_error() {
-            OnError::FailOpen => Gate::Release,
-            OnError::FailClosed => Gate::Stop {
-                action: Action::Replace,
-                category: None,
-            },
+        gate
+    }
+
+    /// A held check that failed is now covered by a later check that passed.
+    pub fn recovered(&mut self) {
+        if let Some(e) = self.error.take() {
+            self.error = Some(format!("{e} (held; judged by a later check)"));
         }
     }
 
@@ -279,6 +317,8 @@ impl Tally {
         self.retries += 1;
         self.retried_for.get_or_insert(c.category);
         self.appends.clear();
+        // The verdict's scores are those of the draft the person gets.
+        self.last_scores = None;
         self.action = Action::Allow;
         self.category = None;
     }
@@ -312,16 +352,21 @@ impl Tally {
         } else {
             None
         };
-        let category = category
-            .or_else(|| shadow.first().map(|w| w.category))
-            .or(self.top)
-            .unwrap_or(Category::SafeResponse);
+        let decided = category.or_else(|| shadow.first().map(|w| w.category));
+        let category = match decided {
+            Some(c) => Some(c),
+            // Unclassified text and no finding: no category can honestly be
+            // named for the response.
+            None if self.unjudged => None,
+            None => self.top,
+        };
         Verdict {
             request_id: meta.request_id.clone(),
             policy: meta.policy.clone(),
             policy_version: meta.policy_version.clone(),
             streaming: meta.streaming,
             category,
+            unclassified: self.unjudged,
             flagged,
             action,
             mode,
@@ -344,6 +389,19 @@ pub struct VerdictMeta {
     pub policy_version: String,
     pub streaming: Option<StreamMode>,
     pub classifier: String,
+}
+
+impl Verdict {
+    /// The `category` label of metrics, access log and spans: the category,
+    /// `unclassified` for text released without judgement, `none` when
+    /// there was nothing to judge.
+    pub fn category_label(&self) -> &'static str {
+        match (self.category, self.unclassified) {
+            (Some(c), _) => c.key(),
+            (None, true) => "unclassified",
+            (None, false) => "none",
+        }
+    }
 }
 
 /// Text that ends a remedied response: the safe reply for `replace` (and
@@ -484,7 +542,7 @@ mod tests {
         assert_eq!(t.gate(&p, &p.decide(&ok), ok, false, false), Gate::Release);
         let v = t.verdict(&meta());
         assert_eq!(v.action, Action::Retry);
-        assert_eq!(v.category, Category::Nonsense);
+        assert_eq!(v.category, Some(Category::Nonsense));
         assert_eq!(v.retries, 1);
     }
 
@@ -498,7 +556,54 @@ mod tests {
         assert_eq!(v.action, Action::Annotate);
         assert_eq!(v.mode, Some(Mode::Shadow));
         assert_eq!(v.shadow[0].action, Action::Block);
-        assert_eq!(v.category, Category::ToxicLanguage);
+        assert_eq!(v.category, Some(Category::ToxicLanguage));
+    }
+
+    #[test]
+    fn released_after_a_failure_is_unclassified() {
+        let p = policy();
+        let mut t = Tally::default();
+        let e = ClassifyError::Timeout { ms: 5 };
+        assert_eq!(t.gate_error(&p, &e, false, true), Gate::Release);
+        let v = t.verdict(&meta());
+        assert!(v.unclassified);
+        assert_eq!(v.category, None);
+        assert_eq!(v.category_label(), "unclassified");
+        assert_eq!(v.action, Action::Allow);
+        let j = v.to_json();
+        assert_eq!(j["category"], serde_json::Value::Null);
+        assert_eq!(j["unclassified"], true);
+    }
+
+    #[test]
+    fn hold_keeps_text_until_a_later_check() {
+        let mut p = policy();
+        for r in p.rules.values_mut() {
+            r.on_error = OnError::Hold;
+        }
+        let mut t = Tally::default();
+        let e = ClassifyError::Overloaded { capacity: 1 };
+        assert_eq!(t.gate_error(&p, &e, false, true), Gate::Hold);
+        assert!(!t.unjudged);
+        let sc = scores(Category::SafeResponse, 0.0);
+        assert_eq!(t.gate(&p, &p.decide(&sc), sc, false, false), Gate::Release);
+        t.recovered();
+        assert!(!t.verdict(&meta()).unclassified);
+        // The final check cannot hold: released, labelled.
+        assert_eq!(t.gate_error(&p, &e, false, false), Gate::Release);
+        assert!(t.verdict(&meta()).unclassified);
+    }
+
+    #[test]
+    fn merged_scores_keep_the_worst_window() {
+        let p = policy();
+        let mut t = Tally::default();
+        let a = scores(Category::ToxicLanguage, 0.3);
+        let b = scores(Category::SafeResponse, 0.0);
+        t.gate(&p, &p.decide(&a), a, false, false);
+        t.gate(&p, &p.decide(&b), b, true, false);
+        let v = t.verdict(&meta());
+        assert_eq!(v.scores.map(|s| s.get(Category::ToxicLanguage)), Some(0.3));
     }
 
     #[test]
@@ -510,7 +615,7 @@ mod tests {
         let v = t.verdict(&meta());
         assert_eq!(
             (v.action, v.mode, v.flagged, v.category),
-            (Action::Allow, None, false, Category::SafeResponse)
+            (Action::Allow, None, false, Some(Category::SafeResponse))
         );
     }
 }

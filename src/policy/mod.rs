@@ -107,6 +107,11 @@ pub enum OnError {
     FailOpen,
     /// Withhold it and send the safe reply.
     FailClosed,
+    /// Streams in `window` mode: keep holding the text whose check failed
+    /// and judge it again in the next check (at the latest the final one);
+    /// only if that fails too is it released, labelled `unclassified`.
+    /// Elsewhere (one check per response) the same as `fail_open`.
+    Hold,
 }
 
 /// Language of the person asking; picks which shipped text is used.
@@ -257,15 +262,15 @@ impl Policy {
         }
     }
 
-    /// What a classifier failure means under this policy: fail closed if any
-    /// enforced category says so (the strictest rule wins), else fail open.
+    /// What a classifier failure means under this policy: the strictest
+    /// `on_error` of any enforced category wins (fail closed, then hold,
+    /// then fail open).
     pub fn on_error(&self) -> OnError {
-        let closed = self
-            .rules
-            .values()
-            .any(|r| r.mode == Mode::Enforce && r.on_error == OnError::FailClosed);
-        if closed {
+        let enforced = || self.rules.values().filter(|r| r.mode == Mode::Enforce);
+        if enforced().any(|r| r.on_error == OnError::FailClosed) {
             OnError::FailClosed
+        } else if enforced().any(|r| r.on_error == OnError::Hold) {
+            OnError::Hold
         } else {
             OnError::FailOpen
         }

@@ -174,9 +174,10 @@ pub(crate) fn parse_policy(text: &str, expected_name: &str) -> Result<Policy, Ve
         let on_error = match rr.on_error.as_deref() {
             None | Some("fail_open") => OnError::FailOpen,
             Some("fail_closed") => OnError::FailClosed,
+            Some("hold") => OnError::Hold,
             Some(o) => {
                 errors.push(format!(
-                    "{k}.on_error: `{o}` is not known; known: fail_open, fail_closed"
+                    "{k}.on_error: `{o}` is not known; known: fail_open, fail_closed, hold"
                 ));
                 OnError::FailOpen
             }

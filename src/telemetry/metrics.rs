@@ -18,7 +18,6 @@ use opentelemetry_sdk::metrics::{PeriodicReader, SdkMeterProvider};
 use opentelemetry_sdk::Resource;
 
 use super::{TelemetryError, TelemetrySettings};
-use crate::classifier::Category;
 
 /// `Content-Type` of [`Metrics::render_prometheus`]'s output.
 pub const PROMETHEUS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -237,11 +236,18 @@ impl Metrics {
     /// One moderated response and its verdict: the category that decided it
     /// (`safe_response` for clean ones), the action (`allow`, `annotate`,
     /// `append`, `replace`, `retry`, `block`) and `enforce`, `shadow` or `none` (nothing flagged).
-    pub fn record_response(&self, category: Category, action: &'static str, mode: &'static str) {
+    /// `category` is the verdict's label: a category key, `unclassified`
+    /// (text released without judgement) or `none` (nothing to judge).
+    pub fn record_response(
+        &self,
+        category: &'static str,
+        action: &'static str,
+        mode: &'static str,
+    ) {
         self.inner.responses.add(
             1,
             &[
-                KeyValue::new("category", category.key()),
+                KeyValue::new("category", category),
                 KeyValue::new("action", action),
                 KeyValue::new("mode", mode),
             ],

@@ -41,8 +41,6 @@ pub use settings::{
     LogFormat, LoggingOptions, RawTelemetrySettings, SettingsError, TelemetrySettings,
 };
 
-use crate::classifier::Category;
-
 /// Errors from setting telemetry up or flushing it.
 #[derive(Debug, thiserror::Error)]
 pub enum TelemetryError {
@@ -270,7 +268,7 @@ pub struct AccessLog<'a> {
     pub model: Option<&'a str>,
     /// `buffer`, `window`, `observe` or `off`.
     pub streaming: Option<&'static str>,
-    pub category: Option<Category>,
+    pub category: Option<&'static str>,
     pub action: Option<&'static str>,
     /// `enforce` or `shadow`.
     pub mode: Option<&'static str>,
@@ -297,7 +295,7 @@ pub fn log_access(entry: &AccessLog<'_>) {
         stream = entry.stream,
         model = entry.model,
         streaming = entry.streaming,
-        category = entry.category.map(Category::key),
+        category = entry.category,
         action = entry.action,
         mode = entry.mode,
         policy = entry.policy,

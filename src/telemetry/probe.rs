@@ -120,7 +120,7 @@ impl RequestProbe {
     /// See [`RequestTelemetry::set_verdict`].
     pub fn set_verdict(
         &self,
-        category: Category,
+        category: &'static str,
         action: &'static str,
         mode: &'static str,
         policy: &str,

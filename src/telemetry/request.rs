@@ -42,7 +42,7 @@ pub struct RequestTelemetry {
 
 #[derive(Debug, Clone, Copy)]
 struct Verdict {
-    category: Category,
+    category: &'static str,
     action: &'static str,
     mode: &'static str,
 }
@@ -160,7 +160,7 @@ impl RequestTelemetry {
     ) {
         let span = spans::decision_span(&self.span, policy);
         spans::record_classification(&span, category, score);
-        spans::record_verdict(&span, category, action, mode, policy);
+        spans::record_verdict(&span, category.key(), action, mode, policy);
     }
 
     /// The response's final verdict (the one sent in its `moderation`
@@ -169,7 +169,7 @@ impl RequestTelemetry {
     /// replaces an earlier one.
     pub fn set_verdict(
         &mut self,
-        category: Category,
+        category: &'static str,
         action: &'static str,
         mode: &'static str,
         policy: &str,

@@ -148,14 +148,16 @@ pub fn decision_span(parent: &Span, policy: &str) -> Span {
 /// Put a verdict on a request or decision span: the category that decided,
 /// the action (`allow`, `annotate`, `append`, `replace`, `retry`, `block`),
 /// the mode (`enforce`, `shadow`, or `none` when nothing was flagged) and the policy's name.
+/// `category` is the verdict's label (`Verdict::category_label`: a
+/// category key, `unclassified` or `none`).
 pub fn record_verdict(
     span: &Span,
-    category: Category,
+    category: &'static str,
     action: &'static str,
     mode: &'static str,
     policy: &str,
 ) {
-    span.record(attr::CATEGORY, category.key());
+    span.record(attr::CATEGORY, category);
     span.record(attr::ACTION, action);
     span.record(attr::MODE, mode);
     span.record(attr::POLICY, policy);
