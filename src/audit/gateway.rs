@@ -185,6 +185,7 @@ mod tests {
                 streaming: Some(StreamMode::Window),
                 category: Some(Category::ToxicLanguage),
                 unclassified: false,
+                unknown_fields: Vec::new(),
                 flagged: mode.is_some(),
                 action,
                 mode,

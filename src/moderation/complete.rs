@@ -12,7 +12,7 @@ use super::sink::{ExchangeOutcome, ExchangeRecord, ExchangeSink, Timings};
 use super::verdict::{
     appendix, remedy_finish_reason, remedy_text, Gate, Tally, Verdict, VerdictMeta,
 };
-use super::{mode_key, ChatUpstream, Moderator};
+use super::{fields, mode_key, ChatUpstream, Moderator};
 use crate::policy::{Action, PolicyRef};
 use crate::telemetry::RequestProbe;
 
@@ -32,21 +32,27 @@ pub struct CompleteJob {
     pub probe: RequestProbe,
 }
 
-/// The reply text of a completion (`choices[0].message.content`), if any.
-fn reply_of(resp: &Value) -> Option<String> {
-    resp.pointer("/choices/0/message/content")
-        .and_then(Value::as_str)
-        .map(str::to_string)
+/// Everything a client may show from a completion's first choice
+/// (`moderation::fields`: content, refusal, reasoning, audio transcript),
+/// after dropping any further choices (requests with `n > 1` are refused,
+/// so extra choices from an upstream are never delivered unjudged).
+fn reply_of(resp: &mut Value) -> Option<String> {
+    if let Some(Value::Array(choices)) = resp.get_mut("choices") {
+        choices.truncate(1);
+    }
+    resp.pointer("/choices/0/message")
+        .map(fields::message_text)
+        .filter(|t| !t.is_empty())
 }
 
-fn set_reply(resp: &mut Value, text: &str, finish: Option<&str>) {
-    if let Some(msg) = resp.pointer_mut("/choices/0/message") {
-        msg["content"] = json!(text);
-    }
-    if let Some(f) = finish {
-        if let Some(choice) = resp.pointer_mut("/choices/0") {
-            choice["finish_reason"] = json!(f);
-        }
+/// Replace the first choice's message with the policy's reply: nothing of
+/// the rejected draft (reasoning, audio, refusal, tool calls, logprobs)
+/// survives.
+fn set_remedy(resp: &mut Value, text: &str, finish: &str, json_mode: bool) {
+    if let Some(Value::Object(choice)) = resp.pointer_mut("/choices/0") {
+        choice.insert("message".into(), fields::remedied_message(text, json_mode));
+        choice.insert("finish_reason".into(), json!(finish));
+        choice.insert("logprobs".into(), Value::Null);
     }
 }
 
@@ -68,7 +74,7 @@ pub async fn run(job: CompleteJob, first: Value) -> (Value, Verdict) {
     let delivered;
     let mut retrying = false;
     loop {
-        upstream_text = reply_of(&resp).unwrap_or_default();
+        upstream_text = reply_of(&mut resp).unwrap_or_default();
         if upstream_text.is_empty() {
             // Tool calls or an empty answer: nothing a person reads.
             delivered = String::new();
@@ -99,12 +105,17 @@ pub async fn run(job: CompleteJob, first: Value) -> (Value, Verdict) {
         match gate {
             // One check per response: `hold` has nothing later to wait for.
             Gate::Release | Gate::Hold => {
-                let text = format!(
-                    "{upstream_text}{}",
+                // JSON mode: an appended note would break the JSON; the
+                // verdict still says `append`.
+                let extra = if job.request.json_mode {
+                    String::new()
+                } else {
                     appendix(&job.policy, &tally.appends, lang)
-                );
-                set_reply(&mut resp, &text, None);
-                delivered = text;
+                };
+                if let Some(msg) = resp.pointer_mut("/choices/0/message") {
+                    fields::append_to_content(msg, &extra);
+                }
+                delivered = format!("{upstream_text}{extra}");
                 break;
             }
             Gate::Retry(c) => {
@@ -187,10 +198,11 @@ fn remedy(
 ) -> String {
     tally.stopped(action, category);
     let text = remedy_text(&job.policy, action, job.request.lang).to_string();
-    set_reply(resp, &text, Some(remedy_finish_reason(action)));
-    // A remedied answer carries no tool calls from the rejected draft.
-    if let Some(Value::Object(msg)) = resp.pointer_mut("/choices/0/message") {
-        msg.remove("tool_calls");
-    }
+    set_remedy(
+        resp,
+        &text,
+        remedy_finish_reason(action),
+        job.request.json_mode,
+    );
     text
 }

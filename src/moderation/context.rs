@@ -22,6 +22,9 @@ pub struct ChatRequest {
     pub user: Option<String>,
     /// Filled by the HTTP layer from the request's headers.
     pub client: super::sink::ClientIdentity,
+    /// `response_format` asks for JSON (`json_object` or `json_schema`):
+    /// remedies never put plain text into the content.
+    pub json_mode: bool,
 }
 
 /// Text of a message's `content`: a string, or the `text` parts of an array.
@@ -128,6 +131,12 @@ impl ChatRequest {
             model: obj.get("model").and_then(Value::as_str).map(str::to_string),
             user: obj.get("user").and_then(Value::as_str).map(str::to_string),
             client: super::sink::ClientIdentity::default(),
+            json_mode: matches!(
+                obj.get("response_format")
+                    .and_then(|f| f.get("type"))
+                    .and_then(Value::as_str),
+                Some("json_object" | "json_schema")
+            ),
             stream,
             body,
         })

@@ -11,6 +11,7 @@
 
 pub mod complete;
 pub mod context;
+pub mod fields;
 pub mod sink;
 pub mod stream;
 pub mod verdict;

@@ -27,6 +27,7 @@
 //! the person); `logprobs` are dropped in window and buffer modes because the
 //! text is re-chunked.
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -37,6 +38,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use super::context::{response_text, ChatRequest};
+use super::fields::{self, Field};
 use super::sink::{ExchangeOutcome, ExchangeRecord, ExchangeSink, Timings};
 use super::verdict::{
     appendix, remedy_finish_reason, remedy_text, Gate, Tally, Verdict, VerdictMeta,
@@ -44,7 +46,7 @@ use super::verdict::{
 use super::{mode_key, ChatUpstream, DataStream, Moderator};
 use crate::classifier::Category;
 use crate::error::GatewayError;
-use crate::policy::{Action, Candidate, PolicyRef, StreamMode};
+use crate::policy::{Action, Candidate, PolicyRef, StreamMode, UnknownFields};
 use crate::proxy::sse;
 use crate::telemetry::RequestProbe;
 
@@ -54,8 +56,10 @@ pub const BOUNDARIES: &[char] = &['。', '！', '？', '!', '?', '.', '\n'];
 /// Byte index up to which `pending` is ready for classification: after the
 /// last sentence boundary once at least `min_segment` characters are
 /// pending (tiny sentences are merged, so a reply of one-character
-/// sentences cannot cost one classification each), else after `max_hold`
-/// characters, else none.
+/// sentences cannot cost one classification each); else, once `max_hold`
+/// characters are pending, after `max_hold - HOLD_TAIL` of them (the tail
+/// stays held so a word cut by the limit is judged whole with what
+/// follows); else none.
 pub fn ready_cut(pending: &str, max_hold: usize, min_segment: usize) -> Option<usize> {
     let mut cut = None;
     let mut chars = 0;
@@ -70,17 +74,20 @@ pub fn ready_cut(pending: &str, max_hold: usize, min_segment: usize) -> Option<u
     if cut.is_some() && chars_at_cut >= min_segment {
         return cut;
     }
+    if chars < max_hold.max(1) {
+        return None;
+    }
+    let keep = max_hold.max(1) - hold_tail(max_hold);
     pending
         .char_indices()
-        .nth(max_hold)
+        .nth(keep)
         .map(|(i, _)| i)
-        .or_else(|| {
-            if pending.chars().count() >= max_hold && !pending.is_empty() {
-                Some(pending.len())
-            } else {
-                None
-            }
-        })
+        .or(Some(pending.len()))
+}
+
+/// Characters kept back when held text is released at `max_hold_chars`.
+pub fn hold_tail(max_hold: usize) -> usize {
+    (max_hold / 2).min(16)
 }
 
 /// Shortest window-mode segment (in characters) judged on its own once
@@ -225,12 +232,20 @@ impl Out {
     }
 
     async fn text(&mut self, t: &str) -> Result<(), Gone> {
+        self.field_text(Field::Content, t).await
+    }
+
+    /// Text of one rendered field, as a delta under its own key.
+    async fn field_text(&mut self, field: Field, t: &str) -> Result<(), Gone> {
+        let Some(key) = field.key() else {
+            return Ok(());
+        };
         if t.is_empty() {
             return Ok(());
         }
         self.delivered.push_str(t);
         let mut d = Map::new();
-        d.insert("content".into(), json!(t));
+        d.insert(key.into(), json!(t));
         self.delta(d).await?;
         self.probe.client_first_token();
         Ok(())
@@ -291,8 +306,20 @@ struct Run<'a> {
     meta: VerdictMeta,
     /// Text released to the client in this attempt.
     released: String,
-    /// Text received but not yet classified.
+    /// Text received but not yet classified: every rendered field, in the
+    /// upstream's order (`moderation::fields`).
     pending: String,
+    /// Which field each byte run of `pending` came from.
+    pending_fields: Vec<(Field, usize)>,
+    /// Tool-call and audio deltas of this attempt, sent once the response
+    /// passed and dropped with a remedy.
+    held_deltas: Vec<Map<String, Value>>,
+    /// Unknown delta keys and stray choices seen (dropped or passed per
+    /// the policy's `unknown_fields`).
+    unknown: BTreeSet<String>,
+    /// The field of the last text received (a change inserts a separator
+    /// into the judged text).
+    last_field: Option<Field>,
     /// `released.len()` when the last classification covered all of it.
     classified_upto: Option<usize>,
     finish_reason: Option<String>,
@@ -337,6 +364,10 @@ pub async fn run(job: StreamJob, first: DataStream, tx: mpsc::Sender<Bytes>) -> 
         meta,
         released: String::new(),
         pending: String::new(),
+        pending_fields: Vec::new(),
+        held_deltas: Vec::new(),
+        unknown: BTreeSet::new(),
+        last_field: None,
         classified_upto: None,
         finish_reason: None,
         held_finish: None,
@@ -347,6 +378,14 @@ pub async fn run(job: StreamJob, first: DataStream, tx: mpsc::Sender<Bytes>) -> 
     };
     let outcome = run.drive(first).await;
     let mut verdict = run.tally.verdict(&run.meta);
+    verdict.unknown_fields = run.unknown.iter().cloned().collect();
+    if !run.unknown.is_empty() {
+        let action = match job.policy.unknown_fields {
+            UnknownFields::Drop => "drop",
+            UnknownFields::Pass => "pass",
+        };
+        job.probe.unknown_fields(action, run.unknown.len() as u64);
+    }
     if let ExchangeOutcome::UpstreamFailed = outcome {
         verdict
             .error
@@ -445,11 +484,56 @@ impl Run<'_> {
     fn reset_attempt(&mut self) {
         self.released.clear();
         self.pending.clear();
+        self.pending_fields.clear();
+        self.held_deltas.clear();
+        self.last_field = None;
         self.classified_upto = None;
         self.finish_reason = None;
         self.held_finish = None;
         self.trailing.clear();
         self.upstream_text.clear();
+    }
+
+    /// Add received text to `pending`, remembering which field it came
+    /// from; a change of field puts a newline into the judged text (never
+    /// sent) so two fields are not read as one word.
+    fn push_text(&mut self, pieces: &[(Field, String)]) {
+        for (field, t) in pieces {
+            if self.last_field.is_some_and(|f| f != *field) {
+                self.push_run(Field::Separator, "\n");
+            }
+            self.last_field = Some(*field);
+            self.push_run(*field, t);
+        }
+    }
+
+    fn push_run(&mut self, field: Field, t: &str) {
+        self.pending.push_str(t);
+        match self.pending_fields.last_mut() {
+            Some((f, n)) if *f == field => *n += t.len(),
+            _ => self.pending_fields.push((field, t.len())),
+        }
+    }
+
+    /// Send the first `cut` bytes of `pending` to the client, each run in
+    /// its own field, and drop them from `pending`.
+    async fn release(&mut self, cut: usize) -> Result<(), Gone> {
+        let text: String = self.pending.drain(..cut).collect();
+        let mut at = 0;
+        while at < text.len() {
+            let Some((field, n)) = self.pending_fields.first_mut() else {
+                break;
+            };
+            let take = (*n).min(text.len() - at);
+            let field = *field;
+            *n -= take;
+            if *n == 0 {
+                self.pending_fields.remove(0);
+            }
+            self.out.field_text(field, &text[at..at + take]).await?;
+            at += take;
+        }
+        Ok(())
     }
 
     async fn next(&mut self, stream: &mut DataStream) -> Step {
@@ -568,21 +652,30 @@ impl Run<'_> {
             if let Some(u) = chunk.get("usage").filter(|u| u.is_object()) {
                 super::observe_usage(&self.job.probe, u);
             }
-            let Some(choice) = chunk
+            let choices = chunk
                 .get("choices")
                 .and_then(Value::as_array)
-                .and_then(|a| a.first())
                 .cloned()
-            else {
+                .unwrap_or_default();
+            if choices.is_empty() {
                 // Usage-only chunks (stream_options.include_usage) go last.
                 self.trailing.push(chunk);
                 continue;
+            }
+            // Only choice 0 is the reply (requests with n > 1 are refused);
+            // stray choices are never merged into it nor forwarded.
+            let index = |c: &Value| c.get("index").and_then(Value::as_u64).unwrap_or(0);
+            for c in choices.iter().filter(|c| index(c) != 0) {
+                self.unknown.insert(format!("choices[{}]", index(c)));
+            }
+            let Some(choice) = choices.into_iter().find(|c| index(c) == 0) else {
+                continue;
             };
-            let text = choice
-                .pointer("/delta/content")
-                .and_then(Value::as_str)
-                .unwrap_or("")
-                .to_string();
+            let parts = match choice.get("delta") {
+                Some(Value::Object(d)) => fields::split_delta(d),
+                _ => fields::DeltaParts::default(),
+            };
+            let text: String = parts.text.iter().map(|(_, t)| t.as_str()).collect();
             let finish = choice
                 .get("finish_reason")
                 .and_then(Value::as_str)
@@ -593,7 +686,7 @@ impl Run<'_> {
             }
 
             if observe {
-                self.pending.push_str(&text);
+                self.push_text(&parts.text);
                 if finish.is_some() {
                     self.finish_reason = finish;
                     self.held_finish = Some(chunk);
@@ -614,27 +707,28 @@ impl Run<'_> {
             if let Some(f) = finish {
                 self.finish_reason = Some(f);
             }
-            // Non-text deltas (tool calls, role) are released as they come.
-            if let Some(Value::Object(delta)) = choice.get("delta") {
-                let mut rest: Map<String, Value> = delta
-                    .iter()
-                    .filter(|(k, v)| {
-                        k.as_str() != "content" && k.as_str() != "role" && !v.is_null()
-                    })
-                    .map(|(k, v)| (k.clone(), v.clone()))
-                    .collect();
-                let role_only = delta.contains_key("role") && text.is_empty() && rest.is_empty();
-                if !rest.is_empty() || (role_only && !self.out.role_sent) {
-                    rest.remove("refusal");
-                    if self.out.delta(rest).await.is_err() {
-                        return AttemptEnd::Gone;
-                    }
+            // Tool calls and audio are held with the draft; unknown keys
+            // are dropped or passed per the policy; `role` goes at once.
+            if !parts.held.is_empty() {
+                self.held_deltas.push(parts.held);
+            }
+            let mut now = Map::new();
+            for (k, v) in parts.unknown {
+                self.unknown.insert(k.clone());
+                if self.job.policy.unknown_fields == UnknownFields::Pass {
+                    now.insert(k, v);
                 }
+            }
+            let role_only = parts.passed.contains_key("role") && text.is_empty();
+            if (!now.is_empty() || (role_only && !self.out.role_sent))
+                && self.out.delta(now).await.is_err()
+            {
+                return AttemptEnd::Gone;
             }
             if text.is_empty() {
                 continue;
             }
-            self.pending.push_str(&text);
+            self.push_text(&parts.text);
             if self.job.mode != StreamMode::Window {
                 continue;
             }
@@ -654,11 +748,10 @@ impl Run<'_> {
                         break;
                     }
                     Some(Gate::Release) => {
-                        self.pending.drain(..cut);
                         if self.tally.error.is_some() && !self.tally.unjudged {
                             self.tally.recovered();
                         }
-                        if self.out.text(&segment).await.is_err() {
+                        if self.release(cut).await.is_err() {
                             return AttemptEnd::Gone;
                         }
                         self.released.push_str(&segment);
@@ -694,17 +787,26 @@ impl Run<'_> {
             }
         }
         if !observe {
-            let pending = std::mem::take(&mut self.pending);
-            if self.out.text(&pending).await.is_err() {
+            let pending = self.pending.clone();
+            if self.release(self.pending.len()).await.is_err() {
                 return AttemptEnd::Gone;
             }
             self.released.push_str(&pending);
-            let extra = appendix(&self.job.policy, &self.tally.appends, self.job.request.lang);
-            if self.out.text(&extra).await.is_err() {
-                return AttemptEnd::Gone;
+            for held in std::mem::take(&mut self.held_deltas) {
+                if self.out.delta(held).await.is_err() {
+                    return AttemptEnd::Gone;
+                }
+            }
+            // JSON mode: a note would break the JSON; the verdict says it.
+            if !self.job.request.json_mode {
+                let extra = appendix(&self.job.policy, &self.tally.appends, self.job.request.lang);
+                if self.out.text(&extra).await.is_err() {
+                    return AttemptEnd::Gone;
+                }
             }
         }
-        let verdict = self.tally.verdict(&self.meta);
+        let mut verdict = self.tally.verdict(&self.meta);
+        verdict.unknown_fields = self.unknown.iter().cloned().collect();
         let reason = self.finish_reason.clone().unwrap_or_else(|| "stop".into());
         let held = self.held_finish.take();
         if self.out.finish(&reason, &verdict, held).await.is_err() {
@@ -726,16 +828,26 @@ impl Run<'_> {
     async fn stop(&mut self, action: Action, category: Option<Category>) -> AttemptEnd {
         self.tally.stopped(action, category);
         self.pending.clear();
+        self.pending_fields.clear();
+        self.held_deltas.clear();
         let text = remedy_text(&self.job.policy, action, self.job.request.lang);
         let reply = if self.released.is_empty() {
             text.to_string()
         } else {
             format!("\n\n{text}")
         };
-        if self.out.text(&reply).await.is_err() {
+        // JSON mode: the reply is a refusal, as OpenAI's structured outputs
+        // report one, never plain text inside the JSON content.
+        let field = if self.job.request.json_mode {
+            Field::Refusal
+        } else {
+            Field::Content
+        };
+        if self.out.field_text(field, &reply).await.is_err() {
             return AttemptEnd::Gone;
         }
-        let verdict = self.tally.verdict(&self.meta);
+        let mut verdict = self.tally.verdict(&self.meta);
+        verdict.unknown_fields = self.unknown.iter().cloned().collect();
         if self
             .out
             .finish(remedy_finish_reason(action), &verdict, None)

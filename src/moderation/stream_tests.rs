@@ -229,14 +229,16 @@ fn ready_cut_finds_last_boundary_or_hold_limit() {
         Some("你好。我在！".len())
     );
     assert_eq!(ready_cut("no boundary yet", 100, 1), None);
-    assert_eq!(ready_cut("abcdef", 4, 1), Some(4));
-    assert_eq!(ready_cut("一二三四五", 3, 1), Some("一二三".len()));
+    // At the hold limit, all but the tail (half the limit, at most 16).
+    assert_eq!(ready_cut("abcdef", 4, 1), Some(2));
+    assert_eq!(ready_cut("一二三四五", 3, 1), Some("一二".len()));
+    assert_eq!(ready_cut(&"x".repeat(200), 160, 1), Some(144));
     // Tiny sentences wait until MIN_SEGMENT_CHARS characters are pending.
     assert_eq!(ready_cut("a.b.c.", 100, 24), None);
     let many = "a.".repeat(12);
     assert_eq!(ready_cut(&many, 100, 24), Some(24));
     assert_eq!(ready_cut(&"a.".repeat(100), 160, 24), Some(200));
-    assert_eq!(ready_cut("abcd", 4, 1), Some(4));
+    assert_eq!(ready_cut("abcd", 4, 1), Some(2));
     assert_eq!(ready_cut("line\nnext", 100, 1), Some(5));
 }
 
@@ -372,7 +374,9 @@ async fn long_text_without_boundaries_is_released_at_the_hold_limit() {
     )
     .await;
     let texts: Vec<String> = o.texts().into_iter().map(|(_, s)| s).collect();
-    assert_eq!(texts, vec!["abcdefghij", "klmnopqrst", "uvw"]);
+    // Each release keeps the last hold_tail(10) = 5 characters held, so a
+    // word cut by the limit is judged whole with what follows.
+    assert_eq!(texts, vec!["abcde", "fghij", "klmno", "pqrstuvw"]);
 }
 
 #[tokio::test(start_paused = true)]
@@ -598,4 +602,322 @@ async fn the_sink_gets_the_verdict_both_texts_and_timings() {
         r.timings.upstream_first_byte,
         Some(Duration::from_millis(3))
     );
+}
+
+// ---- Every rendered field is judged (moderation::fields) ----
+
+fn delta_chunk(delta: Value) -> String {
+    json!({"id": "up-1", "object": "chat.completion.chunk", "created": 1, "model": "m",
+           "choices": [{"index": 0, "delta": delta, "finish_reason": null}]})
+    .to_string()
+}
+
+fn deltas(ds: Vec<Value>) -> Vec<(u64, String)> {
+    let mut v = vec![(0, role_chunk())];
+    v.extend(ds.into_iter().map(|d| (10, delta_chunk(d))));
+    v.push((10, finish_chunk()));
+    v.push((0, "[DONE]".into()));
+    v
+}
+
+impl Outcome {
+    /// Concatenated text the client got under one delta key.
+    fn field(&self, key: &str) -> String {
+        self.frames
+            .iter()
+            .filter_map(|(_, f)| f.pointer(&format!("/choices/0/delta/{key}")))
+            .filter_map(Value::as_str)
+            .collect()
+    }
+    fn any_delta_has(&self, key: &str) -> bool {
+        self.frames
+            .iter()
+            .any(|(_, f)| f.pointer(&format!("/choices/0/delta/{key}")).is_some())
+    }
+}
+
+async fn run_deltas(mode: StreamMode, ds: Vec<Value>) -> Outcome {
+    run_with(
+        policy(mode, "default"),
+        Arc::new(SlowKeyword),
+        scripted(deltas(ds), None),
+        Arc::new(Replies::default()),
+        "I can't sleep",
+    )
+    .await
+}
+
+#[tokio::test(start_paused = true)]
+async fn toxic_reasoning_content_is_blocked_in_every_enforce_mode() {
+    for mode in [StreamMode::Window, StreamMode::Buffer] {
+        let o = run_deltas(
+            mode,
+            vec![
+                json!({"reasoning_content": "The user is sad. "}),
+                json!({"reasoning_content": "They are an idiot. "}),
+                json!({"content": "I hear you."}),
+            ],
+        )
+        .await;
+        let seen = format!("{}{}", o.field("reasoning_content"), o.text());
+        assert!(!seen.contains("idiot"), "{mode:?}: leaked: {seen}");
+        assert!(!o.text().contains("I hear you"), "{mode:?}: {}", o.text());
+        assert_eq!(o.last_chunk()["moderation"]["action"], "block", "{mode:?}");
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn reasoning_refusal_and_content_parts_are_delivered_after_judgement() {
+    let o = run_deltas(
+        StreamMode::Window,
+        vec![
+            json!({"reasoning_content": "Let me think. "}),
+            json!({"content": [{"type": "text", "text": "I hear you. "}]}),
+            json!({"refusal": "I can't help with that part."}),
+        ],
+    )
+    .await;
+    assert_eq!(o.field("reasoning_content"), "Let me think. ");
+    assert_eq!(o.text(), "I hear you. ");
+    assert_eq!(o.field("refusal"), "I can't help with that part.");
+    assert_eq!(o.last_chunk()["moderation"]["action"], "allow");
+}
+
+#[tokio::test(start_paused = true)]
+async fn other_choices_and_unknown_fields_never_reach_the_client() {
+    let mut events = vec![(0, role_chunk())];
+    events.push((10, chunk("I hear you. ")));
+    events.push((
+        10,
+        json!({"id": "up-1", "object": "chat.completion.chunk", "created": 1, "model": "m",
+               "choices": [{"index": 1, "delta": {"content": "You idiot."}, "finish_reason": null}]})
+        .to_string(),
+    ));
+    events.push((10, delta_chunk(json!({"vendor_note": "hidden text"}))));
+    events.push((10, finish_chunk()));
+    events.push((0, "[DONE]".into()));
+    let o = run_with(
+        policy(StreamMode::Window, "default"),
+        Arc::new(SlowKeyword),
+        scripted(events, None),
+        Arc::new(Replies::default()),
+        "hi",
+    )
+    .await;
+    assert_eq!(o.text(), "I hear you. ");
+    assert!(!o.any_delta_has("vendor_note"));
+    assert!(o
+        .frames
+        .iter()
+        .all(|(_, f)| f.pointer("/choices/1").is_none()));
+    let v = &o.last_chunk()["moderation"];
+    assert_eq!(v["action"], "allow");
+    assert_eq!(v["unknown_fields"], json!(["choices[1]", "vendor_note"]));
+}
+
+#[tokio::test(start_paused = true)]
+async fn tool_calls_are_held_and_dropped_with_a_remedy() {
+    let call = json!({"tool_calls": [{"index": 0, "id": "c1", "type": "function",
+                                       "function": {"name": "f", "arguments": "{}"}}]});
+    let ok = run_deltas(StreamMode::Window, vec![call.clone()]).await;
+    assert!(
+        ok.any_delta_has("tool_calls"),
+        "released once the reply passed"
+    );
+    let bad = run_deltas(
+        StreamMode::Window,
+        vec![call, json!({"content": "You idiot."})],
+    )
+    .await;
+    assert!(!bad.any_delta_has("tool_calls"), "dropped with the draft");
+    assert_eq!(bad.last_chunk()["moderation"]["action"], "block");
+}
+
+#[tokio::test(start_paused = true)]
+async fn json_mode_remedies_are_refusals_and_appends_stay_in_the_verdict() {
+    let run = |pieces: Vec<&'static str>| async move {
+        let body = json!({"model": "m", "stream": true, "response_format": {"type": "json_object"},
+                          "messages": [{"role": "user", "content": "hi"}]});
+        let request = ChatRequest::parse(body.to_string().as_bytes()).expect("request");
+        assert!(request.json_mode);
+        let start = Instant::now();
+        let p = policy(StreamMode::Window, "default");
+        let job = StreamJob {
+            probe: crate::telemetry::RequestProbe::none(),
+            moderator: Arc::new(Moderator::new(
+                Arc::new(SlowKeyword),
+                4,
+                Duration::from_millis(500),
+            )),
+            upstream: Arc::new(Replies::default()),
+            sink: Arc::new(NoopSink),
+            mode: p.streaming,
+            policy: Arc::new(p),
+            request,
+            request_id: "req-1".into(),
+            deadline: start + Duration::from_secs(60),
+            started: start,
+            started_at: SystemTime::now(),
+            upstream_first_byte: None,
+            total_timeout: Duration::from_secs(60),
+        };
+        let (tx, mut rx) = mpsc::channel(16);
+        let handle = tokio::spawn(run(job, scripted(reply(&pieces), None), tx));
+        let mut frames = Vec::new();
+        let mut dec = crate::proxy::sse::SseDecoder::default();
+        while let Some(b) = rx.recv().await {
+            for ev in dec.feed(&b).expect("SSE") {
+                if ev.data != "[DONE]" {
+                    frames.push((0, serde_json::from_str(&ev.data).expect("JSON")));
+                }
+            }
+        }
+        Outcome {
+            frames,
+            summary: handle.await.expect("task"),
+        }
+    };
+    let blocked = run(vec!["{\"a\": \"you idiot\"}"]).await;
+    assert_eq!(blocked.text(), "");
+    assert!(!blocked.field("refusal").is_empty());
+    let appended = run(vec!["{\"a\": \"I'm a real person\"}"]).await;
+    assert_eq!(appended.text(), "{\"a\": \"I'm a real person\"}");
+    assert_eq!(appended.last_chunk()["moderation"]["action"], "append");
+}
+
+#[tokio::test(start_paused = true)]
+async fn long_reply_harm_at_the_end_is_judged_with_linear_work() {
+    // 120 sentences; the last one is toxic.
+    let mut pieces: Vec<String> = (0..120)
+        .map(|i| format!("Sentence number {i} is calm and kind. "))
+        .collect();
+    pieces.push("You idiot.".into());
+    let refs: Vec<&str> = pieces.iter().map(String::as_str).collect();
+    let o = window(&refs).await;
+    assert!(!o.text().contains("idiot"));
+    let v = &o.last_chunk()["moderation"];
+    assert_eq!(v["action"], "block");
+    let n = v["classifications"].as_u64().unwrap_or(0);
+    // ~4,700 characters: eager checks, then about one per 48 characters.
+    assert!(n < 120, "{n} classifications for 121 sentences");
+}
+
+mod coverage_property {
+    //! No byte of a flagged marker ever reaches the client in enforce
+    //! modes, whatever the reply, its chunking, the marker's position and
+    //! disguise, or the field it is in; marker-free replies arrive whole.
+    use super::*;
+    use proptest::prelude::*;
+
+    const WORDS: &[&str] = &[
+        "I hear you. ",
+        "That sounds hard",
+        ", and ",
+        "sleep matters. ",
+        "我理解你的感受。",
+        "慢慢来",
+        "，",
+        "你并不孤单！",
+        "Try a walk tomorrow? ",
+        "\n",
+        "温柔地对待自己",
+        "one step at a time",
+        " ",
+    ];
+
+    fn disguise(marker: &str, how: u8) -> String {
+        let sep = match how % 4 {
+            0 => "",
+            1 => " ",
+            2 => "\u{200B}",
+            _ => "\u{00A0}",
+        };
+        marker
+            .chars()
+            .map(|c| c.to_string())
+            .collect::<Vec<_>>()
+            .join(sep)
+    }
+
+    fn split_at_chars(s: &str, cuts: &[usize]) -> Vec<String> {
+        let chars: Vec<char> = s.chars().collect();
+        let mut points: Vec<usize> = cuts.iter().map(|c| c % (chars.len() + 1)).collect();
+        points.push(0);
+        points.push(chars.len());
+        points.sort_unstable();
+        points.dedup();
+        points
+            .windows(2)
+            .map(|w| chars[w[0]..w[1]].iter().collect())
+            .filter(|p: &String| !p.is_empty())
+            .collect()
+    }
+
+    fn run_case(
+        mode: StreamMode,
+        key: &'static str,
+        pieces: Vec<String>,
+    ) -> (Outcome, &'static str) {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .start_paused(true)
+            .build()
+            .expect("runtime");
+        let ds = pieces.into_iter().map(|p| json!({ key: p })).collect();
+        (rt.block_on(run_deltas(mode, ds)), key)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 64, .. ProptestConfig::default() })]
+
+        #[test]
+        fn marker_never_leaks_and_clean_replies_arrive_whole(
+            words in proptest::collection::vec(0..WORDS.len(), 0..150),
+            at in 0usize..10_000,
+            marker_zh in any::<bool>(),
+            how in any::<u8>(),
+            with_marker in any::<bool>(),
+            cuts in proptest::collection::vec(0usize..100_000, 0..40),
+            field in 0usize..3,
+            buffer in any::<bool>(),
+        ) {
+            let body: String = words.iter().map(|&i| WORDS[i]).collect();
+            let chars: Vec<char> = body.chars().collect();
+            let at = at % (chars.len() + 1);
+            let marker = disguise(if marker_zh { "废物" } else { "idiot" }, how);
+            let reply: String = if with_marker {
+                let head: String = chars[..at].iter().collect();
+                let tail: String = chars[at..].iter().collect();
+                // At a word boundary: the spaced-letter rule of
+                // normalisation joins runs of single letters between words.
+                format!("{head} {marker} {tail}")
+            } else {
+                body.clone()
+            };
+            let marker_start = chars[..at].iter().collect::<String>().len() + 1;
+            let key = ["content", "reasoning_content", "refusal"][field];
+            let mode = if buffer { StreamMode::Buffer } else { StreamMode::Window };
+            let (o, key) = run_case(mode, key, split_at_chars(&reply, &cuts));
+            let got = o.field(key);
+            if with_marker {
+                // Everything the client got in that field is a prefix of the
+                // reply that ends before the marker starts.
+                let delivered = if key == "content" {
+                    let p = policy(mode, "default");
+                    got.split(&format!("\n\n{}", p.block_reply.en)).next().unwrap_or("").to_string()
+                        .trim_end_matches(p.block_reply.en.as_str()).to_string()
+                } else {
+                    got.clone()
+                };
+                prop_assert!(
+                    delivered.len() <= marker_start && reply.starts_with(&delivered),
+                    "leaked: field {} got {:?}, marker at byte {}", key, got, marker_start
+                );
+                prop_assert_eq!(&o.last_chunk()["moderation"]["action"], "block");
+            } else {
+                prop_assert_eq!(got, reply);
+                prop_assert_eq!(&o.last_chunk()["moderation"]["action"], "allow");
+            }
+        }
+    }
 }

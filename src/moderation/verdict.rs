@@ -56,6 +56,10 @@ pub struct Verdict {
     pub error: Option<String>,
     /// Every category that crossed its threshold in any classification.
     pub flagged_categories: Vec<Category>,
+    /// Unknown delta fields and stray choices the upstream sent (dropped,
+    /// or passed when the policy says `unknown_fields = "pass"`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub unknown_fields: Vec<String>,
 }
 
 impl Verdict {
@@ -377,6 +381,7 @@ impl Tally {
             retries: self.retries,
             error: self.error.clone(),
             flagged_categories: self.flagged.iter().copied().collect(),
+            unknown_fields: Vec::new(),
         }
     }
 }

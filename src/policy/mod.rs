@@ -114,6 +114,16 @@ pub enum OnError {
     Hold,
 }
 
+/// Unknown fields in streamed deltas (text carewall cannot judge).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UnknownFields {
+    /// Removed before the chunk is sent (counted). The default.
+    Drop,
+    /// Forwarded as they come (counted).
+    Pass,
+}
+
 /// Language of the person asking; picks which shipped text is used.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -175,6 +185,9 @@ pub struct Policy {
     /// without a sentence boundary.
     pub max_hold_chars: usize,
     pub max_retries: u32,
+    /// What enforce modes do with delta fields carewall does not know
+    /// (`moderation::fields`): they may carry text a client renders.
+    pub unknown_fields: UnknownFields,
     /// Added as the last system message when retrying.
     pub retry_system_message: Option<String>,
     /// Used by `replace` and `fail_closed`.

@@ -7,7 +7,9 @@ use std::sync::Arc;
 
 use serde::Deserialize;
 
-use super::{Action, CategoryRule, Mode, OnError, Policy, PolicyRef, StreamMode, Texts};
+use super::{
+    Action, CategoryRule, Mode, OnError, Policy, PolicyRef, StreamMode, Texts, UnknownFields,
+};
 use crate::classifier::Category;
 use crate::config::{ConfigError, ModerationConfig};
 
@@ -38,6 +40,7 @@ struct RawPolicy {
     streaming: Option<String>,
     max_hold_chars: Option<u64>,
     max_retries: Option<u64>,
+    unknown_fields: Option<String>,
     retry_system_message: Option<String>,
     safe_reply: Option<RawTexts>,
     block_reply: Option<RawTexts>,
@@ -109,6 +112,16 @@ pub(crate) fn parse_policy(text: &str, expected_name: &str) -> Result<Policy, Ve
             1
         }
         Some(n) => n as u32,
+    };
+    let unknown_fields = match raw.unknown_fields.as_deref() {
+        None | Some("drop") => UnknownFields::Drop,
+        Some("pass") => UnknownFields::Pass,
+        Some(o) => {
+            errors.push(format!(
+                "unknown_fields: `{o}` is not known; known: drop (default), pass"
+            ));
+            UnknownFields::Drop
+        }
     };
     let retry_system_message = raw.retry_system_message.filter(|s| !s.trim().is_empty());
     let safe_reply = texts("safe_reply", raw.safe_reply, &mut errors);
@@ -223,6 +236,7 @@ pub(crate) fn parse_policy(text: &str, expected_name: &str) -> Result<Policy, Ve
         streaming,
         max_hold_chars,
         max_retries,
+        unknown_fields,
         retry_system_message,
         block_reply: block_reply.unwrap_or_else(|| safe_reply.clone()),
         safe_reply,

@@ -74,6 +74,7 @@ struct Inner {
     ttft: Histogram<f64>,
     added_ttft: Histogram<f64>,
     audit_dropped: Counter<u64>,
+    unknown_fields: Counter<u64>,
     queues: Arc<QueueDepths>,
 }
 
@@ -211,6 +212,12 @@ impl Metrics {
                 .u64_counter("carewall.audit.dropped")
                 .with_description("Audit records dropped because the audit queue was full")
                 .build(),
+            unknown_fields: meter
+                .u64_counter("carewall.unknown_fields")
+                .with_description(
+                    "Unknown delta fields and stray choices in upstream streams, by what the policy did with them (drop, pass)",
+                )
+                .build(),
             queues,
             provider,
             registry,
@@ -318,6 +325,14 @@ impl Metrics {
     }
 
     /// Audit records dropped because the audit queue was full.
+    /// Unknown delta fields (or stray choices) of one response and what the
+    /// policy's `unknown_fields` did with them (`drop`, `pass`).
+    pub fn record_unknown_fields(&self, action: &'static str, n: u64) {
+        self.inner
+            .unknown_fields
+            .add(n, &[KeyValue::new("action", action)]);
+    }
+
     pub fn record_audit_dropped(&self, records: u64) {
         self.inner.audit_dropped.add(records, &[]);
     }

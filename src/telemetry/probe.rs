@@ -153,6 +153,11 @@ impl RequestProbe {
         });
     }
 
+    /// See [`RequestTelemetry::unknown_fields`].
+    pub fn unknown_fields(&self, action: &'static str, n: u64) {
+        self.with_request(|r| r.unknown_fields(action, n));
+    }
+
     /// See [`RequestTelemetry::set_error`].
     pub fn set_error(&self, kind: &'static str) {
         self.with_request(|r| r.set_error(kind));

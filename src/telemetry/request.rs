@@ -183,6 +183,11 @@ impl RequestTelemetry {
         self.policy = Some(policy.to_owned());
     }
 
+    /// Unknown delta fields of the response (see `moderation::fields`).
+    pub fn unknown_fields(&self, action: &'static str, n: u64) {
+        self.metrics.record_unknown_fields(action, n);
+    }
+
     /// Token usage reported by the provider.
     pub fn set_usage(&self, input_tokens: u64, output_tokens: u64) {
         spans::record_usage(&self.span, input_tokens, output_tokens);
