@@ -38,6 +38,8 @@ fn sample(i: usize) -> AuditRecord {
         context,
         response: "[supporter]你要坚强一点，别想太多了，早点睡觉就好了。Call me at (415) 555-1234."
             .into(),
+        drafts: Vec::new(),
+        delivered: "你要坚强一点，别想太多了，早点睡觉就好了。".into(),
     }
 }
 

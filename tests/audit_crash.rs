@@ -131,7 +131,7 @@ async fn kill_9_loses_nothing_committed() {
             .await
             .unwrap()
             .unwrap_or_else(|| panic!("{id} was reported committed but is missing"));
-        let (ctx, _) = r.open_text(Some(&keyring())).unwrap().unwrap();
+        let ctx = r.open_text(Some(&keyring())).unwrap().unwrap().context;
         assert!(
             ctx.contains(&format!("secret-context-{i}")),
             "{id} text intact"

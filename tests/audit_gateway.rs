@@ -405,10 +405,11 @@ async fn kill_9_under_load_loses_nothing_flushed() {
             .await
             .unwrap()
             .unwrap_or_else(|| panic!("{id} completed well before the kill but is missing"));
-        let (_, response) = rec
+        let response = rec
             .open_text(Some(&ring))
             .expect("decrypts")
-            .expect("has text");
+            .expect("has text")
+            .response;
         assert!(response.contains(SECRET), "{response}");
     }
     // Nothing twice: every stored id is distinct (and at least the above).
@@ -482,4 +483,98 @@ async fn sigterm_drains_the_audit_queue() {
         assert!(rec.open_text(Some(&ring)).unwrap().is_some());
     }
     store.close().await.unwrap();
+}
+
+/// Fetch one record (with text) by id once it is stored.
+async fn wait_record(gw: &Gateway, id: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (status, rec) = admin_get(gw, &format!("/admin/api/records/{id}"), Some(TOKEN)).await;
+        if status == 200 {
+            return rec;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "record {id} never stored ({status}: {rec}); logs:\n{}",
+            gw.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_drafts_and_the_delivered_text_reach_the_audit_api() {
+    // First answer: nonsense (default policy: retry); the retry is fine.
+    let upstream = MockUpstream::start(|body, _| {
+        // A retry carries the policy's steering message as the last message.
+        let steered = body["messages"]
+            .as_array()
+            .and_then(|m| m.last())
+            .is_some_and(|m| m["role"] == "system");
+        if !steered {
+            MockReply::pieces(&["Lorem ipsum dolor ", SECRET, " sit amet."])
+        } else {
+            MockReply::pieces(&["I hear you. ", "Tell me more about it."])
+        }
+    })
+    .await;
+    let gw = Gateway::start(audited(&upstream));
+    for stream in [false, true] {
+        let (id, body) = chat(&gw, stream).await;
+        assert!(body.contains("Tell me more"), "{body}");
+        assert!(!body.contains(SECRET), "{body}");
+        let rec = wait_record(&gw, &id).await;
+        assert_eq!(rec["action"], "retry", "{rec}");
+        let drafts = rec["drafts"].as_array().expect("drafts listed");
+        assert_eq!(drafts.len(), 1, "{rec}");
+        assert!(
+            drafts[0]["response"].as_str().unwrap().contains(SECRET),
+            "the rejected draft is kept for review: {rec}"
+        );
+        assert_eq!(drafts[0]["category"], "nonsense");
+        assert_eq!(drafts[0]["action"], "retry");
+        assert!(rec["response"].as_str().unwrap().contains("Tell me more"));
+        assert_eq!(
+            rec["delivered"], "I hear you. Tell me more about it.",
+            "{rec}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unclassified_releases_are_labelled_counted_and_always_audited() {
+    // The stand-in classifier fails on this marker; the default policy
+    // fails open, so the reply is delivered, and must say so.
+    let upstream =
+        MockUpstream::start(|_, _| MockReply::pieces(&["Fine words [[classifier-error]]. "])).await;
+    let gw = Gateway::start(audited(&upstream));
+    for stream in [false, true] {
+        let (id, body) = chat(&gw, stream).await;
+        let verdict: Value = if stream {
+            common::sse_verdict(&body).expect("verdict chunk")["moderation"].clone()
+        } else {
+            serde_json::from_str::<Value>(&body).unwrap()["moderation"].clone()
+        };
+        assert_eq!(verdict["unclassified"], true, "{verdict}");
+        assert_eq!(verdict["category"], Value::Null, "{verdict}");
+        assert_eq!(verdict["action"], "allow");
+        assert!(verdict["error"].as_str().is_some(), "{verdict}");
+        let rec = wait_record(&gw, &id).await;
+        assert_eq!(rec["action"], "unclassified", "{rec}");
+    }
+    let metrics = client()
+        .get(gw.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("carewall_responses_total")
+                && l.contains("category=\"unclassified\"")),
+        "{metrics}"
+    );
 }

@@ -317,7 +317,7 @@ async fn shutdown_drains(store: Arc<dyn AuditStore>) {
     // What was written is sealed: redacted, encrypted, pseudonymous.
     let r = store.get("req-0042").await.unwrap().unwrap();
     assert!(r.conversation_id.as_deref().unwrap().starts_with("c_"));
-    let (ctx, _) = r.open_text(Some(&keyring())).unwrap().unwrap();
+    let ctx = r.open_text(Some(&keyring())).unwrap().unwrap().context;
     assert!(ctx.contains("[PHONE]") && !ctx.contains("13812345678"));
 }
 

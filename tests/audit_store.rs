@@ -143,7 +143,8 @@ async fn contract(store: &dyn AuditStore) {
     );
 
     // Text opens with the key only.
-    let (ctx, resp) = got.open_text(Some(&keyring())).unwrap().unwrap();
+    let opened = got.open_text(Some(&keyring())).unwrap().unwrap();
+    let (ctx, resp) = (opened.context, opened.response);
     assert!(
         ctx.contains("secret-context-7") && ctx.contains("[PHONE]"),
         "{ctx}"
@@ -192,7 +193,7 @@ async fn sqlite_store_contract_and_encryption_at_rest() {
     // Reopening runs migrations again harmlessly and keeps the data.
     let again = SqliteStore::open(&path).await.unwrap();
     let r = again.get("req-0100").await.unwrap().unwrap();
-    let (ctx, _) = r.open_text(Some(&keyring())).unwrap().unwrap();
+    let ctx = r.open_text(Some(&keyring())).unwrap().unwrap().context;
     assert!(ctx.contains("13812345678"), "full mode keeps the number");
     assert_eq!(
         again.get("req-0035").await.unwrap().unwrap().request_id,

@@ -179,7 +179,7 @@ def merge_rows(rows: list[dict], per_item: dict[str, list[dict]]) -> tuple[list[
             stats["adjudicated"] += 1
         else:
             stats["disputed"] += 1
-            disputed.append(r)
+            disputed.append(dict(r, prior=[{"by": n["by"], "label": n["label"]} for n in notes]))
             continue
         out = {"id": r["id"], "context": r["context"], "response": r["response"], "label": final,
                "category": LABELS[final], "lang": r.get("lang"), "style": r.get("style"),
@@ -225,7 +225,9 @@ def cmd_merge(args) -> None:
         by_batch[r["id"].split("-")[0]].append(r)
     for b, rows in by_batch.items():
         write_jsonl(DATA / "corpus" / f"{b}.jsonl", rows)
-    disp = [{"id": r["id"], "context": r["context"], "response": r["response"]} for r in test_disp + train_disp]
+    done = {i for i, notes in per_item.items() if any(n["adjudication"] for n in notes)}
+    disp = [{"id": r["id"], "context": r["context"], "response": r["response"], "prior_labels": r["prior"]}
+            for r in test_disp + train_disp if str(r["id"]) not in done]
     write_jsonl(DATA / "labels" / "adjudicate-input.jsonl", disp)
     print(f"test: {len(test_d)} rows {dict(ts)}")
     print(f"corpus: {len(train_d)} rows {dict(cs)}")

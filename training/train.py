@@ -37,7 +37,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from carewall_model import (LABELS, SAFE, Classifier, Contract, Head, encode_pairs,  # noqa: E402
                             load_encoder, pad_batch)
-from data_prep import (CORPUS, DEFAULT_SMILECHAT, DEV, load_corpus, load_labelled, smilechat_pairs,  # noqa: E402
+from data_prep import (CORPUS, DEFAULT_SMILECHAT, DEV, LLM_TEST, load_corpus, load_labelled, smilechat_pairs,  # noqa: E402
                        synthetic, window_examples)
 
 WORK = HERE / ".work"
@@ -201,6 +201,18 @@ def fit_temperature(logits: np.ndarray, y: np.ndarray) -> float:
     return float(best)
 
 
+def llm_test_report(model, tok, c, device) -> dict:
+    """The held-out LLM-style test set (never trained on), judged as the gateway judges it, at
+    the default policy's thresholds (training/evaluate.py)."""
+    from evaluate import evaluate, policy_thresholds
+
+    rows = [json.loads(l) for l in open(LLM_TEST, encoding="utf-8") if l.strip()]
+
+    def run(batch):
+        return predict(model, batch, device, bs=len(batch))
+    return evaluate(run, tok, c, rows, policy_thresholds(HERE.parent / "policies/default.toml"))
+
+
 def encode_rows(tok, rows, c):
     return encode_pairs(tok, [(r["context"], r["response"]) for r in rows], c)
 
@@ -225,10 +237,14 @@ def run_cv(args, tok, c, lab, synth_enc, synth_y, aux_enc, aux_y, vocab, device)
         model = train_one(args, rows, ys, aux_enc, aux_y, vocab, device, args.seed + k)
         oof[te] = predict(model, [enc_lab[i] for i in te], device)
         m = metrics(y[te], oof[te].argmax(1))
+        if LLM_TEST.exists():
+            m["llm_test"] = llm_test_report(model, tok, c, device)
+            log(f"fold {k} LLM test: " + json.dumps({l: {a: round(b, 3) for a, b in v.items() if isinstance(b, float)}
+                                                     for l, v in m["llm_test"].items()}))
         m["seconds"] = round(time.time() - t0, 1)
         folds.append(m)
         log(f"fold {k}: " + " ".join(f"{a}={b:.3f}" for a, b in m.items() if isinstance(b, float)))
-    keys = [k for k in folds[0] if k not in ("n", "seconds")]
+    keys = [k for k in folds[0] if k not in ("n", "seconds", "llm_test")]
     if len(folds) < args.folds:  # only some folds were run: pool over the pairs they covered
         covered = np.abs(oof).sum(1) > 0
         y, oof = y[covered], oof[covered]
@@ -277,6 +293,10 @@ def main():
     ap.add_argument("--no-corpus", action="store_true", help="train without the team corpus (model v1 recipe)")
     ap.add_argument("--local-dim", type=int, default=64, help="max-pooled response features (0: model v1 head)")
     ap.add_argument("--max-context-tokens", type=int, default=160, help="context share of each window")
+    ap.add_argument("--holdout-fold", type=int, default=None,
+                    help="train the exported model on every gold pair except CV fold K (same folds as the CV) "
+                         "and report on that fold and the LLM test set: honest figures for the shipped model "
+                         "from one training run (results/holdout.json)")
     ap.add_argument("--cv-folds-run", type=int, default=0,
                     help="run only the first N CV folds (0: all); figures then say how many folds they cover")
     ap.add_argument("--no-cv", action="store_true", help="skip cross-validation (reuse training/results/cv.json)")
@@ -331,7 +351,7 @@ def main():
 
     args.results.mkdir(parents=True, exist_ok=True)
     cv_path = args.results / "cv.json"
-    if not args.no_cv:
+    if not args.no_cv and args.holdout_fold is None:
         res, oof = run_cv(args, tok, c, lab, synth_enc, synth_y, aux_enc, aux_y, vocab, device)
         res["config"] = json.loads(json.dumps(vars(args), default=str))
         res["device"] = str(device)
@@ -341,6 +361,18 @@ def main():
             return
     T = json.loads(cv_path.read_text())["temperature"] if cv_path.exists() else 1.0
 
+    holdout = None
+    if args.holdout_fold is not None:
+        from sklearn.model_selection import StratifiedKFold
+        import warnings
+
+        warnings.filterwarnings("ignore", message="The least populated class")
+        y_all = np.array([r["label"] for r in lab])
+        skf = StratifiedKFold(n_splits=args.folds, shuffle=True, random_state=args.seed)
+        tr, te = list(skf.split(np.zeros(len(y_all)), y_all))[args.holdout_fold]
+        holdout = [lab[i] for i in te]
+        lab = [lab[i] for i in tr]
+        log(f"holdout fold {args.holdout_fold}: training on {len(lab)} gold pairs, {len(holdout)} held out")
     lab_enc = encode_rows(tok, lab, c)
     if args.from_weights:
         saved = torch.load(args.from_weights, map_location="cpu")
@@ -362,6 +394,22 @@ def main():
     log(f"final training on all {len(lab) + len(synth_all)} labelled+synthetic pairs (temperature {T:.3f})")
     model = train_one(args, lab_enc + synth_enc, [r["label"] for r in lab] + synth_y, aux_enc, aux_y, vocab,
                       device, args.seed + 100)
+    if holdout is not None:
+        ho_enc = encode_rows(tok, holdout, c)
+        ho_logits = predict(model, ho_enc, device)
+        T = fit_temperature(ho_logits, np.array([r["label"] for r in holdout]))
+        hy = np.array([r["label"] for r in holdout])
+        rep_ = {"fold": args.holdout_fold, "gold_train_pairs": len(lab), "gold_heldout": metrics(hy, ho_logits.argmax(1)),
+                "gold_heldout_per_class": per_class(hy, ho_logits.argmax(1)), "temperature_fitted_on_heldout": T,
+                "config": json.loads(json.dumps(vars(args), default=str))}
+        model.head.inv_temperature.fill_(1.0 / T)  # figures for the graph as exported
+        if LLM_TEST.exists():
+            rep_["llm_test"] = llm_test_report(model, tok, c, device)
+        (args.results / "holdout.json").write_text(json.dumps(rep_, indent=1), encoding="utf-8")
+        log("holdout: " + json.dumps({k: round(v, 3) for k, v in rep_["gold_heldout"].items() if isinstance(v, float)}))
+        if "llm_test" in rep_:
+            log("LLM test: " + json.dumps({l: {a: round(b, 3) for a, b in v.items() if isinstance(b, float)}
+                                         for l, v in rep_["llm_test"].items()}))
     model.head.inv_temperature.fill_(1.0 / T)
     model = model.cpu().float().eval()
     args.out.mkdir(parents=True, exist_ok=True)

@@ -43,10 +43,10 @@ pub async fn reviewed_jsonl(
         }
         let Some(review) = &r.review else { continue };
         match r.open_text(keyring) {
-            Ok(Some((context, response))) => {
+            Ok(Some(text)) => {
                 let line = Line {
-                    context: &context,
-                    response: &response,
+                    context: &text.context,
+                    response: &text.response,
                     label: review.label.id(),
                     category: review.label.display_name(),
                 };

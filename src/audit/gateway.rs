@@ -14,7 +14,7 @@ use crate::classifier::{Category, Scores};
 use crate::moderation::{ExchangeRecord, ExchangeSink};
 use crate::policy::{Mode, PolicySet, StreamMode};
 
-use super::record::{AuditRecord, Latency, ALLOW};
+use super::record::{AuditRecord, DraftRecord, Latency, ALLOW};
 use super::sink::AuditSink;
 
 /// The audit sink as the gateway's [`ExchangeSink`].
@@ -90,6 +90,8 @@ pub fn audit_record(record: ExchangeRecord, action: String, shadow: bool) -> Aud
         stream,
         context,
         upstream_text,
+        drafts,
+        delivered_text,
         timings,
         client,
         user,
@@ -138,6 +140,17 @@ pub fn audit_record(record: ExchangeRecord, action: String, shadow: bool) -> Aud
         latency,
         context,
         response: crate::moderation::context::response_text(&upstream_text),
+        drafts: drafts
+            .into_iter()
+            .map(|d| DraftRecord {
+                response: crate::moderation::context::response_text(&d.text),
+                scores: d.scores,
+                category: d.category,
+                threshold: d.threshold,
+                action: d.action.key().to_string(),
+            })
+            .collect(),
+        delivered: delivered_text,
     }
 }
 
@@ -198,6 +211,7 @@ mod tests {
                 flagged_categories: vec![Category::ToxicLanguage],
             },
             outcome: ExchangeOutcome::Completed,
+            drafts: Vec::new(),
             model: Some("m".into()),
             user: Some("end-user-7".into()),
             threshold: Some(0.4),

@@ -64,6 +64,35 @@ pub struct AuditRecord {
     pub context: String,
     /// `[supporter]` + the reply, as classified.
     pub response: String,
+    /// Earlier drafts that were judged and rejected (retries), oldest first.
+    pub drafts: Vec<DraftRecord>,
+    /// What the person actually received (the reply, with a note appended,
+    /// or the safe/block reply).
+    pub delivered: String,
+}
+
+/// A judged draft that was not delivered, as recorded (sealed with the
+/// text: it is conversation text).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DraftRecord {
+    /// `[supporter]` + the draft, as classified.
+    pub response: String,
+    pub scores: Option<Scores>,
+    /// The category that rejected it, its threshold and the action.
+    pub category: Category,
+    pub threshold: Option<f32>,
+    pub action: String,
+}
+
+/// The decrypted text of a record.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct OpenedText {
+    pub context: String,
+    /// The final draft (what was judged last).
+    pub response: String,
+    pub drafts: Vec<DraftRecord>,
+    /// `None` for records written before delivered text was kept.
+    pub delivered: Option<String>,
 }
 
 impl std::fmt::Debug for AuditRecord {
@@ -134,6 +163,11 @@ pub struct StoredRecord {
 struct TextPayload {
     context: String,
     response: String,
+    // Absent in records written before drafts were kept.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    drafts: Vec<DraftRecord>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    delivered: Option<String>,
 }
 
 /// Milliseconds since the Unix epoch (0 for times before it).
@@ -202,11 +236,22 @@ impl StoredRecord {
                     TextPayload {
                         context: redact(&r.context),
                         response: redact(&r.response),
+                        drafts: r
+                            .drafts
+                            .iter()
+                            .map(|d| DraftRecord {
+                                response: redact(&d.response),
+                                ..d.clone()
+                            })
+                            .collect(),
+                        delivered: Some(redact(&r.delivered)),
                     }
                 } else {
                     TextPayload {
                         context: r.context,
                         response: r.response,
+                        drafts: r.drafts,
+                        delivered: Some(r.delivered),
                     }
                 };
                 let json = serde_json::to_vec(&payload).map_err(|_| CryptoError::Encrypt)?;
@@ -240,10 +285,7 @@ impl StoredRecord {
     }
 
     /// Decrypt the text. `Ok(None)` when none was stored.
-    pub fn open_text(
-        &self,
-        keyring: Option<&Keyring>,
-    ) -> Result<Option<(String, String)>, CryptoError> {
+    pub fn open_text(&self, keyring: Option<&Keyring>) -> Result<Option<OpenedText>, CryptoError> {
         let (Some(key_id), Some(nonce), Some(ct)) =
             (&self.text.key_id, &self.text.nonce, &self.text.ciphertext)
         else {
@@ -258,14 +300,19 @@ impl StoredRecord {
         let p: TextPayload = serde_json::from_slice(&pt).map_err(|_| CryptoError::Decrypt {
             key_id: key_id.clone(),
         })?;
-        Ok(Some((p.context, p.response)))
+        Ok(Some(OpenedText {
+            context: p.context,
+            response: p.response,
+            drafts: p.drafts,
+            delivered: p.delivered,
+        }))
     }
 
     /// The API / CLI view. Text is included when `text` is given.
-    pub fn view(&self, text: Option<(String, String)>, text_error: Option<String>) -> RecordView {
-        let (context, response) = match text {
-            Some((c, r)) => (Some(c), Some(r)),
-            None => (None, None),
+    pub fn view(&self, text: Option<OpenedText>, text_error: Option<String>) -> RecordView {
+        let (context, response, drafts, delivered) = match text {
+            Some(t) => (Some(t.context), Some(t.response), t.drafts, t.delivered),
+            None => (None, None, Vec::new(), None),
         };
         RecordView {
             request_id: self.request_id.clone(),
@@ -290,6 +337,8 @@ impl StoredRecord {
             key_id: self.text.key_id.clone(),
             context,
             response,
+            drafts,
+            delivered,
             text_error,
             review: self.review.clone().map(|r| ReviewView {
                 label: r.label,
@@ -339,6 +388,12 @@ pub struct RecordView {
     pub context: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub response: Option<String>,
+    /// Rejected drafts (retries), oldest first, each with what rejected it.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub drafts: Vec<DraftRecord>,
+    /// What the person received.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub delivered: Option<String>,
     /// Why the text could not be shown (e.g. a missing key), if so.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub text_error: Option<String>,
@@ -383,6 +438,8 @@ mod tests {
             },
             context: "[seeker]我的电话是13812345678".into(),
             response: "[supporter]你真没用".into(),
+            drafts: Vec::new(),
+            delivered: "blocked".into(),
         }
     }
 
@@ -396,9 +453,10 @@ mod tests {
         assert!(!cid.contains("user-42"));
         let ct = s.text.ciphertext.clone().unwrap();
         assert!(!ct.windows(11).any(|w| w == b"13812345678"));
-        let (c, r) = s.open_text(Some(&ring)).unwrap().unwrap();
-        assert_eq!(c, "[seeker]我的电话是[PHONE]");
-        assert_eq!(r, "[supporter]你真没用");
+        let t = s.open_text(Some(&ring)).unwrap().unwrap();
+        assert_eq!(t.context, "[seeker]我的电话是[PHONE]");
+        assert_eq!(t.response, "[supporter]你真没用");
+        assert_eq!(t.delivered.as_deref(), Some("blocked"));
         let v = s.view(None, None);
         assert_eq!(v.time, "2023-11-14T22:13:20.123Z");
         assert!(format!("{:?}", sample()).contains("req-1"));
@@ -412,7 +470,7 @@ mod tests {
         assert!(s.text.ciphertext.is_none() && s.conversation_id.is_none());
         assert_eq!(s.open_text(Some(&ring)).unwrap(), None);
         let s = StoredRecord::seal(sample(), TextMode::Full, Some(&ring), None).unwrap();
-        let (c, _) = s.open_text(Some(&ring)).unwrap().unwrap();
+        let c = s.open_text(Some(&ring)).unwrap().unwrap().context;
         assert!(c.contains("13812345678"));
         let err = s.open_text(None).unwrap_err().to_string();
         assert!(err.contains("no key is loaded"), "{err}");

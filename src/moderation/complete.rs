@@ -8,7 +8,7 @@ use serde_json::{json, Value};
 use tokio::time::Instant;
 
 use super::context::{response_text, ChatRequest};
-use super::sink::{ExchangeOutcome, ExchangeRecord, ExchangeSink, Timings};
+use super::sink::{Draft, ExchangeOutcome, ExchangeRecord, ExchangeSink, Timings};
 use super::verdict::{
     appendix, remedy_finish_reason, remedy_text, Gate, Tally, Verdict, VerdictMeta,
 };
@@ -73,6 +73,7 @@ pub async fn run(job: CompleteJob, first: Value) -> (Value, Verdict) {
     let mut upstream_text;
     let delivered;
     let mut retrying = false;
+    let mut drafts = Vec::new();
     loop {
         upstream_text = reply_of(&mut resp).unwrap_or_default();
         if upstream_text.is_empty() {
@@ -119,6 +120,13 @@ pub async fn run(job: CompleteJob, first: Value) -> (Value, Verdict) {
                 break;
             }
             Gate::Retry(c) => {
+                drafts.push(Draft {
+                    text: upstream_text.clone(),
+                    scores: tally.last_scores,
+                    category: c.category,
+                    threshold: job.policy.rules.get(&c.category).map(|r| r.threshold),
+                    action: c.action,
+                });
                 tally.start_retry(&c);
                 retrying = true;
                 let body = job
@@ -177,6 +185,7 @@ pub async fn run(job: CompleteJob, first: Value) -> (Value, Verdict) {
         stream: false,
         context: job.request.context.clone(),
         upstream_text,
+        drafts,
         delivered_text: delivered,
         timings: Timings {
             started_at: job.started_at,

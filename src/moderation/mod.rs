@@ -30,7 +30,9 @@ use crate::error::GatewayError;
 use crate::policy::{Decision, Mode};
 use crate::telemetry::{Classification, RequestProbe};
 
-pub use sink::{ClientIdentity, ExchangeOutcome, ExchangeRecord, ExchangeSink, NoopSink, Timings};
+pub use sink::{
+    ClientIdentity, Draft, ExchangeOutcome, ExchangeRecord, ExchangeSink, NoopSink, Timings,
+};
 pub use verdict::Verdict;
 
 /// A stream of SSE `data` payloads from the upstream (chunk JSON or `[DONE]`).

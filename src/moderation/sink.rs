@@ -48,12 +48,26 @@ pub struct ExchangeRecord {
     pub context: String,
     /// Text the upstream produced in the final attempt (what was judged).
     pub upstream_text: String,
+    /// Earlier drafts that were judged and rejected (a retry asked the
+    /// upstream again), oldest first; the final draft is `upstream_text`.
+    pub drafts: Vec<Draft>,
     /// Text the client actually received.
     pub delivered_text: String,
     pub timings: Timings,
     /// Who sent the request (tenant key id, conversation header), as far
     /// as the request's headers say.
     pub client: ClientIdentity,
+}
+
+/// A judged draft that was not delivered: its text, merged scores, and the
+/// category, threshold and action that rejected it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Draft {
+    pub text: String,
+    pub scores: Option<crate::classifier::Scores>,
+    pub category: crate::classifier::Category,
+    pub threshold: Option<f32>,
+    pub action: crate::policy::Action,
 }
 
 /// What identifies the client of one request. Both are raw identifiers:

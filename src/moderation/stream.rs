@@ -39,7 +39,7 @@ use tokio::time::Instant;
 
 use super::context::{response_text, ChatRequest};
 use super::fields::{self, Field};
-use super::sink::{ExchangeOutcome, ExchangeRecord, ExchangeSink, Timings};
+use super::sink::{Draft, ExchangeOutcome, ExchangeRecord, ExchangeSink, Timings};
 use super::verdict::{
     appendix, remedy_finish_reason, remedy_text, Gate, Tally, Verdict, VerdictMeta,
 };
@@ -332,6 +332,8 @@ struct Run<'a> {
     classify_total: Duration,
     /// The current attempt is a retry (for the classify span's stage).
     retrying: bool,
+    /// Rejected drafts of earlier attempts.
+    drafts: Vec<Draft>,
 }
 
 /// Run one streamed exchange to its end. Frames go to `tx`; when the
@@ -375,6 +377,7 @@ pub async fn run(job: StreamJob, first: DataStream, tx: mpsc::Sender<Bytes>) -> 
         upstream_text: String::new(),
         classify_total: Duration::ZERO,
         retrying: false,
+        drafts: Vec::new(),
     };
     let outcome = run.drive(first).await;
     let mut verdict = run.tally.verdict(&run.meta);
@@ -403,6 +406,7 @@ pub async fn run(job: StreamJob, first: DataStream, tx: mpsc::Sender<Bytes>) -> 
         stream: true,
         context: job.request.context.clone(),
         upstream_text: std::mem::take(&mut run.upstream_text),
+        drafts: std::mem::take(&mut run.drafts),
         delivered_text: std::mem::take(&mut run.out.delivered),
         timings: Timings {
             started_at: job.started_at,
@@ -435,6 +439,13 @@ impl Run<'_> {
                     return ExchangeOutcome::UpstreamFailed;
                 }
                 AttemptEnd::Retry(c) => {
+                    self.drafts.push(Draft {
+                        text: self.upstream_text.clone(),
+                        scores: self.tally.last_scores,
+                        category: c.category,
+                        threshold: self.job.policy.rules.get(&c.category).map(|r| r.threshold),
+                        action: c.action,
+                    });
                     // Dropping the stream cancels the rejected attempt upstream.
                     drop(std::mem::replace(
                         &mut stream,

@@ -68,6 +68,8 @@ pub fn record(i: usize) -> AuditRecord {
         },
         context: format!("[seeker]我最近很难过 secret-context-{i}，电话13812345678"),
         response: format!("[supporter]secret-response-{i} 你要坚强"),
+        drafts: Vec::new(),
+        delivered: format!("secret-delivered-{i}"),
     }
 }
 

@@ -178,6 +178,22 @@ function select(i) {
   if (it.text_error) row("Text", it.text_error);
   dialogue($("context"), it.context);
   dialogue($("response"), it.response);
+  const drafts = it.drafts || [];
+  $("drafts-box").hidden = drafts.length === 0;
+  const dbox = $("drafts");
+  dbox.replaceChildren();
+  drafts.forEach((d, n) => {
+    const wrap = el("div", { class: "dialogue draft" });
+    // Draft scores are the 8 probabilities in label order.
+    const idx = TAXONOMY.findIndex((t) => t[0] === d.category);
+    const s = Array.isArray(d.scores) && idx >= 0 ? " @ " + Number(d.scores[idx]).toFixed(3) : "";
+    dbox.append(el("p", { class: "hint", text: "Draft " + (n + 1) + ": " + d.action + " for " + d.category + s + (d.threshold != null ? " (threshold " + d.threshold + ")" : "") }), wrap);
+    dialogue(wrap, d.response);
+  });
+  const delivered = $("delivered");
+  delivered.replaceChildren();
+  if (it.delivered != null) delivered.append(el("p", { text: it.delivered }));
+  else delivered.append(el("p", { class: "hint", text: "Not recorded (record written before delivered text was kept, or no text stored)." }));
   const ul = $("scores");
   ul.replaceChildren();
   TAXONOMY.forEach(([key, name]) => {
