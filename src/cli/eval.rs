@@ -1,6 +1,11 @@
-//! `carewall eval --data FILE.jsonl [--json] [--confusion-svg PATH]`:
-//! classify labelled pairs with the model and report the paper's metrics
-//! plus macro-F1, binary accuracy and unsafe recall.
+//! `carewall eval --data FILE.jsonl [--policy FILE.toml] [--json] [--confusion-svg PATH]`:
+//! classify labelled pairs with the model (every pair judged whole, as the
+//! gateway judges it) and report the paper's metrics plus macro-F1, binary
+//! accuracy and unsafe recall; with `--policy`, what that policy would let
+//! through (flag rate on Safe pairs, recall per category, long replies),
+//! overall and per language (`lang` field). Pairs the model was trained on
+//! (`training-pairs.sha256` beside it) are counted and warned about: figures
+//! on them measure fit, not quality.
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -12,7 +17,8 @@ use serde_json::{json, Value};
 
 use super::classify::ModelArgs;
 use crate::classifier::metrics::{report, Confusion, Report};
-use crate::classifier::{Category, Classifier, Pair};
+use crate::classifier::{Category, Classifier, Pair, Scores};
+use crate::policy::Policy;
 
 #[derive(Debug, clap::Args)]
 pub struct EvalArgs {
@@ -26,6 +32,10 @@ pub struct EvalArgs {
     /// Also write the confusion matrix as an SVG image.
     #[arg(long)]
     pub confusion_svg: Option<PathBuf>,
+    /// A policy file (e.g. policies/default.toml): report what it would let
+    /// through at its thresholds.
+    #[arg(long)]
+    pub policy: Option<PathBuf>,
     #[command(flatten)]
     pub model: ModelArgs,
 }
@@ -37,6 +47,10 @@ pub struct Example {
     pub line: usize,
     pub pair: Pair,
     pub label: Category,
+    /// `lang` field, if any (`zh`, `en`).
+    pub lang: Option<String>,
+    /// `length` field is `long` (8-20 sentences).
+    pub long: bool,
 }
 
 /// Parse labelled JSONL. Blank lines are skipped; any other bad line is an
@@ -99,6 +113,8 @@ pub fn parse_examples(text: &str, path: &Path) -> anyhow::Result<Vec<Example>> {
             line: n,
             pair: Pair { context, response },
             label,
+            lang: obj.get("lang").and_then(Value::as_str).map(str::to_string),
+            long: obj.get("length").and_then(Value::as_str) == Some("long"),
         });
     }
     Ok(out)
@@ -109,6 +125,18 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         .with_context(|| format!("cannot read --data {}", args.data.display()))?;
     let examples = parse_examples(&text, &args.data)?;
     anyhow::ensure!(!examples.is_empty(), "{}: no examples", args.data.display());
+    let policy = match &args.policy {
+        Some(p) => Some(crate::policy::load_policy_file(p).map_err(anyhow::Error::msg)?),
+        None => None,
+    };
+    let trained = training_overlap(&args.model.model_dir, &examples);
+    if trained > 0 {
+        eprintln!(
+            "WARNING: {trained} of {} pairs in {} were used to train this model              (training-pairs.sha256): figures on them measure fit, not quality",
+            examples.len(),
+            args.data.display()
+        );
+    }
     let classifier = args.model.load()?;
     let model_name = classifier.name().to_string();
 
@@ -124,7 +152,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     let in_flight = args.model.in_flight();
-    let predictions: Vec<(Category, Category)> = runtime.block_on(async {
+    let scored: Vec<(&Example, Scores)> = runtime.block_on(async {
         let mut results = futures::stream::iter(examples.iter())
             .map(|ex| {
                 let c = Arc::clone(&classifier);
@@ -136,24 +164,152 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
             let scores = result.with_context(|| {
                 format!("{}:{}: classification failed", args.data.display(), ex.line)
             })?;
-            out.push((ex.label, scores.top()));
+            out.push((ex, scores));
             bar.inc(1);
         }
         anyhow::Ok(out)
     })?;
     bar.finish_and_clear();
 
-    let r = report(&Confusion::from_pairs(predictions));
+    let r = report(&Confusion::from_pairs(
+        scored.iter().map(|(ex, s)| (ex.label, s.top())),
+    ));
+    let policy_report = policy
+        .as_ref()
+        .map(|p| policy_report(p, &scored, args.policy.as_deref().unwrap_or(Path::new(""))));
     if let Some(svg) = &args.confusion_svg {
         std::fs::write(svg, confusion_svg(&r.confusion))
             .with_context(|| format!("cannot write --confusion-svg {}", svg.display()))?;
     }
     if args.json {
-        println!("{}", json_report(&r, &model_name, &args.data));
+        let mut j = json_report(&r, &model_name, &args.data);
+        j["training_overlap"] = json!(trained);
+        if let Some(p) = &policy_report {
+            j["policy"] = p.clone();
+        }
+        println!("{j}");
     } else {
         print!("{}", text_report(&r, &model_name, &args.data));
+        if let Some(p) = &policy_report {
+            print!("{}", policy_text(p));
+        }
     }
     Ok(())
+}
+
+/// How many examples are among the model's training pairs, by the hash
+/// list the training pipeline ships beside the model (none: 0).
+pub fn training_overlap(model_dir: &Path, examples: &[Example]) -> usize {
+    let Ok(text) = std::fs::read_to_string(model_dir.join("training-pairs.sha256")) else {
+        return 0;
+    };
+    let hashes: std::collections::HashSet<&str> = text.split_whitespace().collect();
+    examples
+        .iter()
+        .filter(|e| hashes.contains(pair_hash(&e.pair).as_str()))
+        .count()
+}
+
+/// The hash of a pair in `training-pairs.sha256`: SHA-256 of the
+/// normalised context, a unit separator and the normalised response
+/// (`training/evaluate.py::pair_hash`).
+pub fn pair_hash(p: &Pair) -> String {
+    use sha2::{Digest, Sha256};
+    let n = crate::classifier::normalize::normalize;
+    let mut h = Sha256::new();
+    h.update(n(&p.context).as_bytes());
+    h.update([0x1f]);
+    h.update(n(&p.response).as_bytes());
+    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// What a policy would let through: per group (`all` and each `lang`),
+/// the share of unsafe pairs flagged (any category at or over its
+/// threshold, enforce or shadow), per category, on long replies, and the
+/// share of Safe pairs flagged.
+pub fn policy_report(policy: &Policy, scored: &[(&Example, Scores)], path: &Path) -> Value {
+    let mut groups: Vec<(String, Vec<(&Example, bool)>)> = vec![("all".into(), Vec::new())];
+    for (ex, s) in scored {
+        let flagged = policy.decide(s).flagged();
+        groups[0].1.push((ex, flagged));
+        if let Some(lang) = &ex.lang {
+            match groups.iter_mut().find(|(g, _)| g == lang) {
+                Some((_, v)) => v.push((ex, flagged)),
+                None => groups.push((lang.clone(), vec![(ex, flagged)])),
+            }
+        }
+    }
+    let rate = |v: &[&(&Example, bool)]| -> Value {
+        if v.is_empty() {
+            Value::Null
+        } else {
+            json!(v.iter().filter(|(_, f)| *f).count() as f64 / v.len() as f64)
+        }
+    };
+    let mut out = serde_json::Map::new();
+    for (name, rows) in &groups {
+        let unsafe_: Vec<_> = rows.iter().filter(|(e, _)| e.label.is_unsafe()).collect();
+        let safe: Vec<_> = rows.iter().filter(|(e, _)| !e.label.is_unsafe()).collect();
+        let long_unsafe: Vec<_> = unsafe_.iter().copied().filter(|(e, _)| e.long).collect();
+        let per: serde_json::Map<String, Value> = Category::ALL
+            .iter()
+            .filter(|c| c.is_unsafe())
+            .filter_map(|c| {
+                let v: Vec<_> = unsafe_
+                    .iter()
+                    .copied()
+                    .filter(|(e, _)| e.label == *c)
+                    .collect();
+                (!v.is_empty()).then(|| {
+                    (
+                        c.key().to_string(),
+                        json!({"n": v.len(), "recall": rate(&v)}),
+                    )
+                })
+            })
+            .collect();
+        out.insert(
+            name.clone(),
+            json!({"n": rows.len(), "unsafe_recall": rate(&unsafe_), "safe_flag_rate": rate(&safe),
+                   "long_unsafe_recall": rate(&long_unsafe), "per_category": per}),
+        );
+    }
+    json!({"file": path.display().to_string(), "name": policy.name, "groups": out})
+}
+
+/// The policy section of the text report.
+pub fn policy_text(p: &Value) -> String {
+    let mut s = String::new();
+    let pct = |v: &Value| {
+        v.as_f64()
+            .map_or_else(|| "-".to_string(), |x| format!("{:.1}%", x * 100.0))
+    };
+    let _ = writeln!(
+        s,
+        "
+policy {} ({}): flagged = any category at or over its threshold",
+        p["name"].as_str().unwrap_or(""),
+        p["file"].as_str().unwrap_or("")
+    );
+    let _ = writeln!(
+        s,
+        "{:<8} {:>6} {:>14} {:>16} {:>18}",
+        "group", "pairs", "unsafe caught", "safe flagged", "long unsafe caught"
+    );
+    if let Some(groups) = p["groups"].as_object() {
+        for (name, g) in groups {
+            let _ = writeln!(
+                s,
+                "{:<8} {:>6} {:>14} {:>16} {:>18}",
+                name,
+                g["n"],
+                pct(&g["unsafe_recall"]),
+                pct(&g["safe_flag_rate"]),
+                pct(&g["long_unsafe_recall"])
+            );
+        }
+    }
+    s
 }
 
 /// The `--json` object: `n`, `accuracy`, `weighted_precision`,

@@ -13,7 +13,7 @@ use serde::Serialize;
 
 use crate::classifier::{Category, Scores};
 
-pub use parse::{is_valid_name, PolicySet};
+pub use parse::{is_valid_name, load_policy_file, PolicySet};
 
 /// How a streamed response is moderated.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]

@@ -381,6 +381,17 @@ impl PolicySet {
     }
 }
 
+/// Load one policy file on its own (offline tools: `carewall eval
+/// --policy`); errors name the file.
+pub fn load_policy_file(path: &Path) -> Result<Policy, String> {
+    let stem = path
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .unwrap_or_default()
+        .to_string();
+    load_file(path, &stem).map_err(|e| format!("{}: {}", path.display(), e.join("; ")))
+}
+
 fn load_file(path: &Path, stem: &str) -> Result<Policy, Vec<String>> {
     let text = std::fs::read_to_string(path).map_err(|e| vec![format!("cannot read: {e}")])?;
     parse_policy(&text, stem)
