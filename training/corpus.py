@@ -229,6 +229,7 @@ def cmd_merge(args) -> None:
     disp = [{"id": r["id"], "context": r["context"], "response": r["response"], "prior_labels": r["prior"]}
             for r in test_disp + train_disp if str(r["id"]) not in done]
     write_jsonl(DATA / "labels" / "adjudicate-input.jsonl", disp)
+    (DATA / "merge_stats.json").write_text(json.dumps({"test": dict(ts), "corpus": dict(cs)}, indent=1))
     print(f"test: {len(test_d)} rows {dict(ts)}")
     print(f"corpus: {len(train_d)} rows {dict(cs)}")
     print(f"to adjudicate: {len(disp)} -> {DATA / 'labels' / 'adjudicate-input.jsonl'}")
@@ -259,6 +260,13 @@ def cmd_report(_args) -> None:
     if allg[0]:
         out["gold_agreement_all"] = {"n": allg[0], "accuracy": allg[1] / allg[0], "binary": allg[2] / allg[0],
                                      "unsafe_recall": allg[4] / allg[3] if allg[3] else None}
+    ms = json.loads((DATA / "merge_stats.json").read_text()) if (DATA / "merge_stats.json").exists() else {}
+    out["writer_vs_blind_annotator"] = {
+        k: {"pairs_labelled_twice": v.get("labelled_twice", 0), "agreed": v.get("agree", 0),
+            "agreement": v.get("agree", 0) / v["labelled_twice"] if v.get("labelled_twice") else None,
+            "adjudicated": v.get("adjudicated", 0), "dropped": v.get("dropped", 0),
+            "awaiting_adjudication": v.get("disputed", 0), "near_duplicates_removed": v.get("near_duplicate", 0)}
+        for k, v in ms.items()}
     counts = collections.Counter()
     agree = collections.Counter()
     for name, files in (("corpus", sorted((DATA / "corpus").glob("*.jsonl"))), ("test", [DATA / "test" / "llm_test.jsonl"])):
@@ -268,9 +276,7 @@ def cmd_report(_args) -> None:
             for r in read_jsonl(p):
                 counts[(name, r["lang"], r["style"], r["category"])] += 1
                 counts[(name, "long")] += r.get("length") == "long"
-                a = r["annotations"]
                 agree[(name, "pairs")] += 1
-                agree[(name, "writer_annotator_agree")] += a[0]["label"] == a[1]["label"]
     out["counts"] = {" / ".join(map(str, k)): v for k, v in sorted(counts.items())}
     out["agreement"] = {" / ".join(k): v for k, v in sorted(agree.items())}
     (DATA / "stats.json").write_text(json.dumps(out, ensure_ascii=False, indent=1))

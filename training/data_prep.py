@@ -145,14 +145,19 @@ def load_corpus(path: Path) -> list[dict]:
     return rows
 
 
-def window_examples(tok, rows: list[dict], c, short_views: bool = True):
+def window_examples(tok, rows: list[dict], c, short_views: bool = True, safe_extra_keep: float = 1.0,
+                    seed: int = 0):
     """Training examples from whole replies, as the gateway will see them (encoding.encode_windows):
     - a harm label (1, 3-6) goes to the windows that contain a harmful sentence; the other windows
       of that reply are Safe (when the harmful sentences cannot be located, every window keeps it);
     - Nonsense and Linguistic Neglect are judged on window 0 with the full context only;
     - Safe replies: every window is Safe;
-    - the seeker's-last-turn view of multi-turn contexts is added for harm and Safe labels.
+    - the seeker's-last-turn view of multi-turn contexts is added for harm and Safe labels
+      (`short_views`);
+    - `safe_extra_keep`: the share of Safe examples kept beyond window 0 of each reply (the later
+      windows of long safe replies are many and alike; fewer of them make training cheaper).
     Returns (encoded rows [(ids, tt)], labels)."""
+    rng = random.Random(seed)
     from encoding import HARM, RESPONSE_PREFIX, SAFE, encode_windows, response_spans
     from normalize import normalize
 
@@ -190,6 +195,8 @@ def window_examples(tok, rows: list[dict], c, short_views: bool = True):
                 y = lab if any(a <= k < b for k in harm_tokens) else SAFE
             else:
                 y = lab
+            if y == SAFE and (idx > 0 or short) and rng.random() >= safe_extra_keep:
+                continue
             enc.append((ids, tt))
             ys.append(y)
     return enc, ys

@@ -151,6 +151,8 @@ def train_one(args, rows, labels, aux_rows, aux_labels, vocab_size, device, seed
             opt.step()
             sched.step()
             step += 1
+            if step % 50 == 0:
+                log(f"  step {step}/{steps}, loss {loss.item():.3f}")
         if device.type == "cpu" or ep == args.epochs - 1:
             log(f"  epoch {ep + 1}/{args.epochs} done ({step} steps), last loss {loss.item():.3f}")
     return model.eval()
@@ -291,6 +293,10 @@ def main():
     ap.add_argument("--corpus", type=Path, default=CORPUS,
                     help="team-built labelled corpus (training/data/corpus): training only, never evaluated on")
     ap.add_argument("--no-corpus", action="store_true", help="train without the team corpus (model v1 recipe)")
+    ap.add_argument("--short-views", action="store_true",
+                    help="also train on each multi-turn team pair with only the seeker's last turn as context")
+    ap.add_argument("--safe-extra-keep", type=float, default=1.0,
+                    help="share of Safe team examples kept beyond window 0 of a reply (cheaper training)")
     ap.add_argument("--local-dim", type=int, default=64, help="max-pooled response features (0: model v1 head)")
     ap.add_argument("--max-context-tokens", type=int, default=160, help="context share of each window")
     ap.add_argument("--holdout-fold", type=int, default=None,
@@ -343,7 +349,8 @@ def main():
         team = load_corpus(args.corpus)
         if args.limit:
             team = team[: args.limit * 4]
-        team_enc, team_y = window_examples(tok, team, c)
+        team_enc, team_y = window_examples(tok, team, c, short_views=args.short_views,
+                                           safe_extra_keep=args.safe_extra_keep, seed=args.seed)
         log(f"team corpus: {len(team)} pairs -> {len(team_enc)} window examples "
             f"({dict(sorted(__import__('collections').Counter(team_y).items()))})")
         synth_enc, synth_y = synth_enc + team_enc, synth_y + team_y
