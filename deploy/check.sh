@@ -21,6 +21,12 @@ fail=0
 ok() { echo "ok   $*"; }
 bad() { echo "FAIL $*"; fail=1; }
 
+# --- image build context: no local state (audit databases) may be baked in
+for pat in 'config/*.db' 'config/*.db-*'; do
+  if grep -qxF "$pat" .dockerignore; then ok ".dockerignore excludes $pat"; else bad ".dockerignore must exclude $pat (the README's serve writes the audit trail there)"; fi
+done
+if grep -qE '^COPY +config/ ' Dockerfile && ! grep -qxF 'config/*.db' .dockerignore; then bad "Dockerfile copies config/ with audit state"; fi
+
 # --- compose
 if docker compose version >/dev/null 2>&1; then
   docker compose -f docker-compose.yml config -q && ok "docker compose config" || bad "docker compose config"

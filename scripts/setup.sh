@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # Idempotent set-up for a fresh machine: everything the demo and the tests need.
+#   - a project virtual environment `.venv/` (Debian 12's system Python refuses
+#     `pip install` outside one, PEP 668); python3-venv is installed when missing;
 #   - ONNX Runtime's shared library, taken from the PyPI `onnxruntime` wheel
 #     (no CDN download: ort is built with `load-dynamic`);
-#   - Python packages the black-box tests use (`openai`, ...);
+#   - Python packages the black-box tests use (`openai`, ...), into `.venv/`
+#     (only with --tests: the demo needs none);
 #   - Debian's Chromium + ChromeDriver for the console's browser test (only with --browser);
 #   - Debian's docker-compose and promtool for deploy/check.sh (only with --deploy).
 # Safe to run repeatedly; each step is skipped when already done.
@@ -15,23 +18,40 @@ ORT_LIB="$ORT_DIR/libonnxruntime.so"
 
 want_browser=0
 want_deploy=0
+want_tests=0
 for a in "$@"; do
   case "$a" in
     --browser) want_browser=1 ;;
     --deploy) want_deploy=1 ;;
-    *) echo "setup.sh: unknown argument '$a' (known: --browser, --deploy)" >&2; exit 2 ;;
+    --tests) want_tests=1 ;;
+    *) echo "setup.sh: unknown argument '$a' (known: --tests, --browser, --deploy)" >&2; exit 2 ;;
   esac
 done
+
+# The project's Python: a venv, so nothing is installed into the system Python.
+VENV=.venv
+PY="$VENV/bin/python"
+if [ ! -x "$PY" ] || ! "$PY" -m pip --version >/dev/null 2>&1; then
+  rm -rf "$VENV"
+  SETUP_PY="${CAREWALL_SETUP_PYTHON:-python3}"
+  if ! "$SETUP_PY" -m venv "$VENV" >/dev/null 2>&1; then
+    echo "setup: installing Debian python3-venv (python3 -m venv is missing)"
+    rm -rf "$VENV"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null
+    "$SETUP_PY" -m venv "$VENV"
+  fi
+fi
 
 if [ ! -s "$ORT_LIB" ]; then
   echo "setup: fetching libonnxruntime.so from the PyPI wheel onnxruntime==$ORT_VERSION"
   tmp=$(mktemp -d)
-  python3 -m pip download --quiet --no-deps --only-binary=:all: \
+  "$PY" -m pip download --quiet --disable-pip-version-check --no-deps --only-binary=:all: \
     --platform manylinux_2_28_x86_64 --python-version 3.11 \
     -d "$tmp" "onnxruntime==$ORT_VERSION"
   whl=$(ls "$tmp"/onnxruntime-*.whl)
   mkdir -p "$ORT_DIR"
-  python3 - "$whl" "$ORT_DIR" <<'PY'
+  "$PY" - "$whl" "$ORT_DIR" <<'PY'
 import sys, zipfile, os
 whl, out = sys.argv[1], sys.argv[2]
 with zipfile.ZipFile(whl) as z:
@@ -47,8 +67,8 @@ PY
   rm -rf "$tmp"
 fi
 
-if [ -f tests/requirements.txt ]; then
-  python3 -m pip install --quiet --disable-pip-version-check -r tests/requirements.txt
+if [ "$want_tests" = 1 ]; then
+  "$PY" -m pip install --quiet --disable-pip-version-check -r tests/requirements.txt
 fi
 
 # Chromium drives the review console's browser test; the CJK font makes its

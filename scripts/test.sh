@@ -4,7 +4,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-bash scripts/setup.sh --browser --deploy
+bash scripts/setup.sh --tests --browser --deploy
+# The black-box tests and deploy/check.sh use the project's venv (PEP 668).
+export CAREWALL_TEST_PYTHON="${CAREWALL_TEST_PYTHON:-$PWD/.venv/bin/python}"
+export PATH="$PWD/.venv/bin:$PATH"
 if ! command -v cargo-nextest >/dev/null 2>&1; then
   echo "test: installing cargo-nextest from crates.io"
   cargo install --locked cargo-nextest

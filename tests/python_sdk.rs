@@ -16,8 +16,22 @@ const SAFE: &[&str] = &[
     "I'm here with you.",
 ];
 
+/// The Python the tests use: `CAREWALL_TEST_PYTHON` (scripts/test.sh sets
+/// the project venv), else `.venv/bin/python` when present, else `python3`.
+fn python() -> std::ffi::OsString {
+    if let Some(p) = std::env::var_os("CAREWALL_TEST_PYTHON") {
+        return p;
+    }
+    let venv = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python");
+    if venv.exists() {
+        venv.into_os_string()
+    } else {
+        "python3".into()
+    }
+}
+
 fn python_has_openai() -> bool {
-    Command::new("python3")
+    Command::new(python())
         .args(["-c", "import openai"])
         .status()
         .map(|s| s.success())
@@ -29,7 +43,7 @@ fn python_has_openai() -> bool {
 /// its logs.
 async fn run_python(args: Vec<std::ffi::OsString>, gw: Gateway) -> (std::process::Output, Gateway) {
     tokio::task::spawn_blocking(move || {
-        Command::new("python3")
+        Command::new(python())
             .args(&args)
             .env("CAREWALL_BASE_URL", format!("http://{}/v1", gw.addr))
             .env("PYTHONUNBUFFERED", "1")
