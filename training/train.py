@@ -293,6 +293,8 @@ def main():
     ap.add_argument("--corpus", type=Path, default=CORPUS,
                     help="team-built labelled corpus (training/data/corpus): training only, never evaluated on")
     ap.add_argument("--no-corpus", action="store_true", help="train without the team corpus (model v1 recipe)")
+    ap.add_argument("--gold-repeat", type=int, default=1,
+                    help="times each gold pair appears in the final training set (the team corpus outnumbers it)")
     ap.add_argument("--short-views", action="store_true",
                     help="also train on each multi-turn team pair with only the seeker's last turn as context")
     ap.add_argument("--safe-extra-keep", type=float, default=1.0,
@@ -399,8 +401,9 @@ def main():
         finish(args, model, tok, c, lab, lab_enc, T)
         return
     log(f"final training on all {len(lab) + len(synth_all)} labelled+synthetic pairs (temperature {T:.3f})")
-    model = train_one(args, lab_enc + synth_enc, [r["label"] for r in lab] + synth_y, aux_enc, aux_y, vocab,
-                      device, args.seed + 100)
+    gold_y = [r["label"] for r in lab]
+    model = train_one(args, lab_enc * args.gold_repeat + synth_enc, gold_y * args.gold_repeat + synth_y, aux_enc,
+                      aux_y, vocab, device, args.seed + 100)
     if holdout is not None:
         ho_enc = encode_rows(tok, holdout, c)
         ho_logits = predict(model, ho_enc, device)
