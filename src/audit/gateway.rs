@@ -195,6 +195,8 @@ mod tests {
                 retries: 0,
                 error: None,
                 flagged_categories: vec![Category::ToxicLanguage],
+                source: mode.map(|_| crate::moderation::verdict::Source::Model),
+                guards: Vec::new(),
             },
             outcome: ExchangeOutcome::Completed,
             model: Some("m".into()),

@@ -4,7 +4,8 @@
 //! Invariant: `policy` does no I/O after loading and knows nothing about HTTP
 //! or streams. [`PolicySet`] is immutable; reloads build a new one.
 
-mod parse;
+mod guards;
+pub(crate) mod parse;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -13,6 +14,7 @@ use serde::Serialize;
 
 use crate::classifier::{Category, Scores};
 
+pub use guards::{prepare as prepare_guard_text, GuardHit, GuardLang, GuardSet};
 pub use parse::{is_valid_name, PolicySet};
 
 /// How a streamed response is moderated.
@@ -183,6 +185,9 @@ pub struct Policy {
     pub block_reply: Texts,
     /// One rule per unsafe category (all seven are required in the file).
     pub rules: BTreeMap<Category, CategoryRule>,
+    /// `[[guards]]`: phrase lists and patterns acted on whatever the model
+    /// scored (see [`GuardSet`]).
+    pub guards: GuardSet,
 }
 
 /// A category that crossed its threshold.
@@ -262,6 +267,45 @@ impl Policy {
         }
     }
 
+    /// The decision on guard hits alone, for a check whose classification
+    /// failed: every enforce hit is a candidate with score 1.0 and its
+    /// category's action and mode; nothing else is.
+    pub fn decide_guards(&self, hits: &[GuardHit]) -> Decision {
+        let mut enforced = Vec::new();
+        let mut shadow = Vec::new();
+        for h in hits.iter().filter(|h| h.mode == Mode::Enforce) {
+            let Some(rule) = self.rules.get(&h.category) else {
+                continue;
+            };
+            let c = Candidate {
+                category: h.category,
+                score: 1.0,
+                action: rule.action,
+                mode: rule.mode,
+            };
+            let list = match rule.mode {
+                Mode::Enforce => &mut enforced,
+                Mode::Shadow => &mut shadow,
+            };
+            if !list.iter().any(|x: &Candidate| x.category == c.category) {
+                list.push(c);
+            }
+        }
+        enforced.sort_by(by_severity);
+        shadow.sort_by(by_severity);
+        let top = enforced
+            .first()
+            .or(shadow.first())
+            .map(|c| c.category)
+            .unwrap_or(Category::SafeResponse);
+        Decision {
+            applied: enforced.first().copied(),
+            enforced,
+            shadow,
+            top,
+        }
+    }
+
     /// What a classifier failure means under this policy: the strictest
     /// `on_error` of any enforced category wins (fail closed, then hold,
     /// then fail open).
@@ -305,7 +349,8 @@ mod tests {
 
     fn policy() -> Policy {
         let text = include_str!("../../policies/default.toml");
-        parse::parse_policy(text, "default").expect("shipped default policy parses")
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("policies");
+        parse::parse_policy(text, "default", &dir).expect("shipped default policy parses")
     }
 
     #[test]

@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use serde::Deserialize;
 
+use super::guards::{GuardSet, RawGuard};
 use super::{Action, CategoryRule, Mode, OnError, Policy, PolicyRef, StreamMode, Texts};
 use crate::classifier::Category;
 use crate::config::{ConfigError, ModerationConfig};
@@ -43,6 +44,8 @@ struct RawPolicy {
     block_reply: Option<RawTexts>,
     #[serde(default)]
     categories: BTreeMap<String, RawRule>,
+    #[serde(default)]
+    guards: Vec<RawGuard>,
 }
 
 /// Letters, digits, `-` and `_`: policy names are file stems, never paths.
@@ -69,8 +72,13 @@ fn texts(key: &str, raw: Option<RawTexts>, errors: &mut Vec<String>) -> Option<T
 
 /// Parse and validate one policy file's text. `expected_name` is the file
 /// stem; the `name` inside must match it so that logs and verdicts never
-/// disagree with the file an operator edits.
-pub(crate) fn parse_policy(text: &str, expected_name: &str) -> Result<Policy, Vec<String>> {
+/// disagree with the file an operator edits. `dir` is the policy file's
+/// folder: guard list files are relative to it.
+pub(crate) fn parse_policy(
+    text: &str,
+    expected_name: &str,
+    dir: &Path,
+) -> Result<Policy, Vec<String>> {
     let raw: RawPolicy = match toml::from_str(text) {
         Ok(r) => r,
         Err(e) => return Err(vec![e.to_string().replace('\n', " ").trim().to_string()]),
@@ -210,6 +218,7 @@ pub(crate) fn parse_policy(text: &str, expected_name: &str) -> Result<Policy, Ve
             ));
         }
     }
+    let guards = GuardSet::load(raw.guards, dir, &mut errors);
     if !errors.is_empty() {
         return Err(errors);
     }
@@ -227,6 +236,7 @@ pub(crate) fn parse_policy(text: &str, expected_name: &str) -> Result<Policy, Ve
         block_reply: block_reply.unwrap_or_else(|| safe_reply.clone()),
         safe_reply,
         rules,
+        guards,
     })
 }
 
@@ -369,7 +379,8 @@ impl PolicySet {
 
 fn load_file(path: &Path, stem: &str) -> Result<Policy, Vec<String>> {
     let text = std::fs::read_to_string(path).map_err(|e| vec![format!("cannot read: {e}")])?;
-    parse_policy(&text, stem)
+    let dir = path.parent().unwrap_or(Path::new("."));
+    parse_policy(&text, stem, dir)
 }
 
 #[cfg(test)]
@@ -378,7 +389,7 @@ mod tests {
     use std::path::PathBuf;
 
     fn errs(text: &str) -> Vec<String> {
-        match parse_policy(text, "p") {
+        match parse_policy(text, "p", Path::new(".")) {
             Ok(_) => panic!("expected errors"),
             Err(e) => e,
         }
@@ -417,7 +428,7 @@ action = "annotate"
 
     #[test]
     fn minimal_policy_parses_with_defaults() {
-        let p = parse_policy(MINIMAL, "p").expect("valid");
+        let p = parse_policy(MINIMAL, "p", Path::new(".")).expect("valid");
         assert_eq!(p.streaming, StreamMode::Window);
         assert_eq!(p.max_retries, 1);
         assert_eq!(p.block_reply, p.safe_reply);
@@ -437,7 +448,8 @@ action = "annotate"
             ("default", include_str!("../../policies/default.toml")),
             ("strict", include_str!("../../policies/strict.toml")),
         ] {
-            if let Err(e) = parse_policy(text, name) {
+            let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("policies");
+            if let Err(e) = parse_policy(text, name, &dir) {
                 panic!("{name}: {e:?}");
             }
         }
@@ -507,7 +519,7 @@ action = "annotate"
 
     #[test]
     fn name_must_match_file() {
-        let e = match parse_policy(MINIMAL, "other") {
+        let e = match parse_policy(MINIMAL, "other", Path::new(".")) {
             Ok(_) => panic!("expected error"),
             Err(e) => e,
         };
