@@ -119,7 +119,8 @@ pub fn audit_record(record: ExchangeRecord, action: String, shadow: bool) -> Aud
     AuditRecord {
         request_id: verdict.request_id,
         time: timings.started_at,
-        tenant: client.key_id,
+        // The key's tenant name when it has one, else its fingerprint.
+        tenant: client.tenant.or(client.key_id),
         // The explicit conversation header wins over the end-user id.
         conversation_key: client
             .conversation
@@ -214,6 +215,7 @@ mod tests {
             },
             client: ClientIdentity {
                 key_id: Some("key-00".into()),
+                tenant: None,
                 conversation: Some("conv".into()),
             },
         }

@@ -256,6 +256,27 @@ pub struct UnknownHeaderPolicy {
     pub known: Vec<String>,
 }
 
+/// The policies a client key is bound to (`policy`, `allowed_policies` in
+/// `server.client_keys`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyBinding {
+    /// The key's default policy; `None`: `moderation.policy`.
+    pub policy: Option<String>,
+    /// What the key's `x-carewall-policy` header may choose besides its
+    /// default (policy names, or `moderation.header_policies` values that
+    /// map to them).
+    pub allowed: Vec<String>,
+}
+
+/// Why a request's policy could not be chosen.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SelectError {
+    /// The header names no policy this gateway offers (400).
+    Unknown(UnknownHeaderPolicy),
+    /// The header names a policy the client key may not use (403).
+    NotAllowed { value: String, allowed: Vec<String> },
+}
+
 impl PolicySet {
     /// Load every `*.toml` in `moderation.policies_dir`, validate them and
     /// check that `moderation.policy` and the header map name existing ones.
@@ -364,6 +385,80 @@ impl PolicySet {
                 known: self.header.keys().cloned().collect(),
             }),
         }
+    }
+
+    /// The policy for a request whose client key has `binding` (see
+    /// [`KeyBinding`]); without one, exactly [`PolicySet::select`]. With
+    /// one, no header means the key's policy, and a header (a policy name,
+    /// or a `header_policies` value) must resolve to the key's policy or
+    /// one of its `allowed_policies`, else [`SelectError::NotAllowed`].
+    pub fn select_for(
+        &self,
+        binding: Option<&KeyBinding>,
+        header: Option<&str>,
+    ) -> Result<PolicyRef, SelectError> {
+        let Some(b) = binding else {
+            return self.select(header).map_err(SelectError::Unknown);
+        };
+        let own = b.policy.as_deref().unwrap_or(&self.default);
+        let name = match header {
+            None => own,
+            Some(v) => self.header.get(v).map(String::as_str).unwrap_or(v),
+        };
+        let allowed = name == own || b.allowed.iter().any(|a| a == name);
+        match (allowed, self.policies.get(name)) {
+            (true, Some(p)) => Ok(p.clone()),
+            _ => {
+                let mut names = vec![own.to_string()];
+                names.extend(b.allowed.iter().filter(|a| *a != own).cloned());
+                Err(SelectError::NotAllowed {
+                    value: header.unwrap_or(own).to_string(),
+                    allowed: names,
+                })
+            }
+        }
+    }
+
+    /// A policy by name.
+    pub fn get(&self, name: &str) -> Result<PolicyRef, UnknownHeaderPolicy> {
+        self.policies
+            .get(name)
+            .cloned()
+            .ok_or_else(|| UnknownHeaderPolicy {
+                value: name.to_string(),
+                known: self.names(),
+            })
+    }
+
+    /// The default policy of a key binding.
+    pub fn binding_default(&self, b: &KeyBinding) -> Option<PolicyRef> {
+        self.policies
+            .get(b.policy.as_deref().unwrap_or(&self.default))
+            .cloned()
+    }
+
+    /// `moderation.header_policies` entries that select a policy weaker
+    /// than the default (see [`Policy::weaker_than`]): without client keys
+    /// bound to policies, any client can lower its own floor with them.
+    pub fn header_warnings(&self) -> Vec<String> {
+        let Some(default) = self.default_policy() else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for (value, name) in &self.header {
+            let Some(p) = self.policies.get(name) else {
+                continue;
+            };
+            let why = p.weaker_than(&default);
+            if !why.is_empty() {
+                out.push(format!(
+                    "moderation.header_policies.{value}: `{name}` is weaker than the default policy `{}` ({}): any client can lower its moderation with `x-carewall-policy: {value}`; remove it, or bind client keys to policies (server.client_keys: policy, allowed_policies)",
+                    default.name,
+                    why.join("; ")
+                ));
+            }
+        }
+        out
     }
 
     /// The default policy.
@@ -540,6 +635,69 @@ action = "annotate"
                 .collect(),
             max_concurrent_classifications: 4,
         }
+    }
+
+    #[test]
+    fn keys_bound_to_policies_choose_only_what_they_allow() {
+        let dir = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/policies"));
+        let set = PolicySet::load(&moderation(
+            dir,
+            "default",
+            &[("lenient", "default"), ("strict", "strict")],
+        ))
+        .expect("loads");
+        // No binding: the header map, as without keys.
+        assert_eq!(
+            set.select_for(None, Some("lenient")).expect("mapped").name,
+            "default"
+        );
+        let strict_only = KeyBinding {
+            policy: Some("strict".into()),
+            allowed: vec![],
+        };
+        assert_eq!(
+            set.select_for(Some(&strict_only), None).expect("own").name,
+            "strict"
+        );
+        assert_eq!(
+            set.select_for(Some(&strict_only), Some("strict"))
+                .expect("own")
+                .name,
+            "strict"
+        );
+        for header in ["default", "lenient", "nonexistent"] {
+            assert_eq!(
+                set.select_for(Some(&strict_only), Some(header)).err(),
+                Some(SelectError::NotAllowed {
+                    value: header.into(),
+                    allowed: vec!["strict".into()]
+                }),
+                "{header}"
+            );
+        }
+        let adult = KeyBinding {
+            policy: Some("default".into()),
+            allowed: vec!["strict".into()],
+        };
+        assert_eq!(
+            set.select_for(Some(&adult), None).expect("own").name,
+            "default"
+        );
+        assert_eq!(
+            set.select_for(Some(&adult), Some("strict"))
+                .expect("allowed")
+                .name,
+            "strict"
+        );
+        // Without `policy`, the key's default is `moderation.policy`.
+        let floor = KeyBinding {
+            policy: None,
+            allowed: vec!["strict".into()],
+        };
+        assert_eq!(
+            set.select_for(Some(&floor), None).expect("default").name,
+            "default"
+        );
     }
 
     #[test]
