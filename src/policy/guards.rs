@@ -468,7 +468,7 @@ impl GuardSet {
         let (cjk, latin) = (has_cjk(text), has_latin(text));
         let live = |g: &Guard| g.lang.applies(cjk, latin);
         if let Some(ac) = &self.phrases {
-            if self.guards.iter().any(|g| live(g)) {
+            if self.guards.iter().any(live) {
                 for m in ac.find_overlapping_iter(text) {
                     let meta = self.phrase_meta[m.pattern().as_usize()];
                     let g = &self.guards[meta.guard];
