@@ -93,7 +93,9 @@ fn guards(c: &mut Criterion) {
         g.bench_function(format!("shipped/{name}"), |b| {
             b.iter(|| shipped.find(black_box(text)))
         });
-        g.bench_function(format!("10k/{name}"), |b| b.iter(|| big.find(black_box(text))));
+        g.bench_function(format!("10k/{name}"), |b| {
+            b.iter(|| big.find(black_box(text)))
+        });
         g.bench_function(format!("10k_unicode_word_boundary/{name}"), |b| {
             b.iter(|| big_u.find(black_box(text)))
         });
@@ -103,7 +105,9 @@ fn guards(c: &mut Criterion) {
         g.bench_function(format!("shipped/{name}"), |b| {
             b.iter(|| shipped.find(black_box(text)))
         });
-        g.bench_function(format!("10k/{name}"), |b| b.iter(|| big.find(black_box(text))));
+        g.bench_function(format!("10k/{name}"), |b| {
+            b.iter(|| big.find(black_box(text)))
+        });
     }
     g.finish();
     // What a SIGHUP reload of that policy set costs (read, prepare, compile).

@@ -114,6 +114,23 @@ async fn a_guard_blocks_a_streamed_sentence_the_classifier_allowed_before_releas
         !logs.contains("kill yourself") && !logs.contains("去死"),
         "{logs}"
     );
+    // `/v1/moderations` applies the same guards.
+    let r = reqwest::Client::new()
+        .post(gw.url("/v1/moderations"))
+        .json(
+            &serde_json::json!({"input": ["Ｇｏ ｋｉｌｌ ｙｏｕｒｓｅｌｆ", "You're killing it!"]}),
+        )
+        .send()
+        .await
+        .expect("moderations");
+    let v: Value = r.json().await.expect("json");
+    let hit = &v["results"][0];
+    assert_eq!(hit["action"], "block", "{v}");
+    assert_eq!(hit["category"], "toxic_language");
+    assert_eq!(hit["guards"][0]["id"], "self-harm-en");
+    assert_eq!(hit["category_scores"]["toxic_language"], 1.0);
+    assert_eq!(v["results"][1]["guards"], serde_json::json!([]), "{v}");
+    assert_eq!(v["results"][1]["action"], "allow", "{v}");
 }
 
 async fn action_of(gw: &Gateway, user: &str) -> String {
