@@ -16,7 +16,8 @@
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
@@ -82,10 +83,22 @@ pub struct ServerConfig {
 /// file (key rotation without a restart).
 #[derive(Clone, Default)]
 pub struct ClientKeySources {
-    /// `server.client_keys`.
-    pub inline: Vec<String>,
-    /// `server.client_keys_file`.
+    /// `server.client_keys`: plain keys (or digests) and key tables.
+    pub inline: Vec<KeySpec>,
+    /// `server.client_keys_file`: one key per line, or, for a `.toml` file,
+    /// `[[keys]]` tables.
     pub file: Option<PathBuf>,
+}
+
+/// One entry of `server.client_keys` or of a keys file: a key (or its
+/// `sha256:` digest) alone, or a table with attributes.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(untagged)]
+pub enum KeySpec {
+    Plain(String),
+    /// Checked field by field in [`ClientKeys::parse`], so that each error
+    /// names its field.
+    Table(BTreeMap<String, serde_json::Value>),
 }
 
 impl std::fmt::Debug for ClientKeySources {
@@ -97,12 +110,19 @@ impl std::fmt::Debug for ClientKeySources {
     }
 }
 
+/// A `.toml` keys file.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawKeysFile {
+    keys: Vec<KeySpec>,
+}
+
 impl ClientKeySources {
     /// Read the file (if any) and parse every entry; every problem is
     /// named by its key (and file line).
     pub fn load(&self) -> Result<ClientKeys, Vec<String>> {
         let mut errors = Vec::new();
-        let mut entries: Vec<(String, String)> = self
+        let mut entries: Vec<(String, KeySpec)> = self
             .inline
             .iter()
             .enumerate()
@@ -112,18 +132,34 @@ impl ClientKeySources {
             match std::fs::read_to_string(path) {
                 Ok(text) => {
                     let before = entries.len();
-                    for (n, line) in text.lines().enumerate() {
-                        let line = line.trim();
-                        if !line.is_empty() && !line.starts_with('#') {
-                            entries.push((
-                                format!("server.client_keys_file {}:{}", path.display(), n + 1),
-                                line.to_string(),
-                            ));
+                    if path.extension().is_some_and(|e| e == "toml") {
+                        match toml::from_str::<RawKeysFile>(&text) {
+                            Ok(f) => entries.extend(f.keys.into_iter().enumerate().map(|(i, k)| {
+                                (
+                                    format!("server.client_keys_file {} keys[{i}]", path.display()),
+                                    k,
+                                )
+                            })),
+                            Err(e) => errors.push(format!(
+                                "server.client_keys_file: {}: {} (a `.toml` keys file holds `[[keys]]` tables with `key`, `name`, `policy`, `allowed_policies`, `expires`)",
+                                path.display(),
+                                e.to_string().replace('\n', " ").trim()
+                            )),
+                        }
+                    } else {
+                        for (n, line) in text.lines().enumerate() {
+                            let line = line.trim();
+                            if !line.is_empty() && !line.starts_with('#') {
+                                entries.push((
+                                    format!("server.client_keys_file {}:{}", path.display(), n + 1),
+                                    KeySpec::Plain(line.to_string()),
+                                ));
+                            }
                         }
                     }
-                    if entries.len() == before {
+                    if entries.len() == before && errors.is_empty() {
                         errors.push(format!(
-                            "server.client_keys_file: {} holds no key (one key or `sha256:<hex>` per line; `#` starts a comment)",
+                            "server.client_keys_file: {} holds no key (one key or `sha256:<hex>` per line, `#` starts a comment; or a `.toml` file of `[[keys]]`)",
                             path.display()
                         ));
                     }
@@ -143,36 +179,250 @@ impl ClientKeySources {
     }
 }
 
+/// The policy binding of a client key: its default policy and what its
+/// `x-carewall-policy` header may choose.
+pub use crate::policy::KeyBinding;
+
+/// What a request's client key grants, once accepted: who it is (the
+/// tenant, never the key) and its policy binding.
+#[derive(Debug, Clone)]
+pub struct KeyGrant {
+    /// The key's `name`, or `unnamed` for a key without one: a metric label
+    /// (bounded by the key configuration), the access log, spans.
+    pub tenant: Arc<str>,
+    /// The key's `name`, if it has one (the audit record's tenant).
+    pub name: Option<String>,
+    /// `None`: the key chooses policies like an open gateway does (default
+    /// policy, `moderation.header_policies`).
+    pub binding: Option<Arc<KeyBinding>>,
+}
+
+#[derive(Clone)]
+struct ClientKey {
+    digest: [u8; 32],
+    grant: KeyGrant,
+    expires: Option<SystemTime>,
+    /// `server.client_keys[2]` or `server.client_keys_file PATH:LINE`.
+    origin: String,
+}
+
+/// Why a presented key was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyRefusal {
+    Unknown,
+    Expired,
+}
+
 /// The keys that may use the gateway's `/v1/*` routes, kept only as SHA-256
 /// digests so that neither the config file nor memory dumps need the keys
-/// themselves. Empty means every client is let through (the default, for
-/// deployments that authenticate in front of the gateway).
+/// themselves, each with its tenant name, policy binding and expiry. Empty
+/// means every client is let through (the default, for deployments that
+/// authenticate in front of the gateway).
 #[derive(Clone, Default)]
-pub struct ClientKeys(Vec<[u8; 32]>);
+pub struct ClientKeys(Vec<ClientKey>);
+
+const KEY_FIELDS: &str = "key, name, policy, allowed_policies, expires";
+
+/// Tenant names: letters, digits, `-`, `_`, `.`, at most 64 characters
+/// (they become a metric label and appear in logs).
+fn is_valid_tenant(name: &str) -> bool {
+    !name.is_empty()
+        && name.chars().count() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+fn key_digest(what: &str, e: &str, errors: &mut Vec<String>) -> Option<[u8; 32]> {
+    use sha2::{Digest, Sha256};
+    let e = e.trim();
+    if let Some(hex) = e.strip_prefix("sha256:") {
+        let d = decode_hex32(hex);
+        if d.is_none() {
+            errors.push(format!(
+                "{what}: `sha256:` must be followed by 64 hex digits (the SHA-256 of the key, e.g. `printf %s KEY | sha256sum`)"
+            ));
+        }
+        d
+    } else if e.chars().count() < 16 {
+        errors.push(format!(
+            "{what}: a client key must be at least 16 characters (or give its digest as `sha256:<hex>`)"
+        ));
+        None
+    } else {
+        Some(Sha256::digest(e.as_bytes()).into())
+    }
+}
+
+/// A TOML datetime comes through serde as a one-entry table; accept it
+/// like the quoted string.
+fn datetime_text(v: &serde_json::Value) -> Option<String> {
+    match v {
+        serde_json::Value::String(s) => Some(s.clone()),
+        serde_json::Value::Object(m) if m.len() == 1 => m
+            .iter()
+            .next()
+            .filter(|(k, _)| k.contains("datetime"))
+            .and_then(|(_, v)| v.as_str().map(str::to_string)),
+        _ => None,
+    }
+}
+
+/// An RFC 3339 timestamp (`2027-01-31T00:00:00Z`, `2027-01-31T08:00:00+08:00`).
+pub fn parse_rfc3339(s: &str) -> Option<SystemTime> {
+    let s = s.trim();
+    if let Ok(t) = humantime::parse_rfc3339(s) {
+        return Some(t);
+    }
+    // humantime takes `Z` only: apply a numeric offset by hand.
+    if s.len() < 6 {
+        return None;
+    }
+    let (base, off) = s.split_at(s.len() - 6);
+    let sign = match off.as_bytes().first() {
+        Some(b'+') => 1i64,
+        Some(b'-') => -1i64,
+        _ => return None,
+    };
+    let (h, m) = off[1..].split_once(':')?;
+    let (h, m): (i64, i64) = (h.parse().ok()?, m.parse().ok()?);
+    if h > 23 || m > 59 {
+        return None;
+    }
+    let utc = humantime::parse_rfc3339(&format!("{base}Z")).ok()?;
+    let shift = Duration::from_secs(u64::try_from(h * 3600 + m * 60).ok()?);
+    if sign > 0 {
+        utc.checked_sub(shift)
+    } else {
+        utc.checked_add(shift)
+    }
+}
+
+fn string_list(what: &str, v: &serde_json::Value, errors: &mut Vec<String>) -> Vec<String> {
+    match v {
+        serde_json::Value::Array(a) => a
+            .iter()
+            .filter_map(|x| match x.as_str() {
+                Some(s) => Some(s.to_string()),
+                None => {
+                    errors.push(format!(
+                        "{what}: every item must be a policy name (a string)"
+                    ));
+                    None
+                }
+            })
+            .collect(),
+        _ => {
+            errors.push(format!(
+                "{what}: must be a list of policy names, e.g. [\"strict\"]"
+            ));
+            Vec::new()
+        }
+    }
+}
 
 impl ClientKeys {
     /// Parse entries of `server.client_keys` / `server.client_keys_file`:
     /// `sha256:<64 hex digits>` (the digest of a key) or a key itself
-    /// (at least 16 characters). `what` names the source in errors.
-    fn parse(entries: &[(String, String)], errors: &mut Vec<String>) -> ClientKeys {
-        use sha2::{Digest, Sha256};
-        let mut out = Vec::new();
-        for (what, e) in entries {
-            let e = e.trim();
-            if let Some(hex) = e.strip_prefix("sha256:") {
-                match decode_hex32(hex) {
-                    Some(d) => out.push(d),
-                    None => errors.push(format!(
-                        "{what}: `sha256:` must be followed by 64 hex digits (the SHA-256 of the key, e.g. `printf %s KEY | sha256sum`)"
-                    )),
+    /// (at least 16 characters), alone or as the `key` of a table with
+    /// `name`, `policy`, `allowed_policies` and `expires`. The first item
+    /// of each entry names its source in errors.
+    fn parse(entries: &[(String, KeySpec)], errors: &mut Vec<String>) -> ClientKeys {
+        let unnamed: Arc<str> = Arc::from("unnamed");
+        let mut out: Vec<ClientKey> = Vec::new();
+        for (what, spec) in entries {
+            let (key_text, table) = match spec {
+                KeySpec::Plain(k) => (Some(k.clone()), None),
+                KeySpec::Table(t) => (
+                    match t.get("key") {
+                        Some(serde_json::Value::String(k)) => Some(k.clone()),
+                        Some(_) => {
+                            errors.push(format!(
+                                "{what}.key: must be a string (the key or `sha256:<hex>`)"
+                            ));
+                            None
+                        }
+                        None => {
+                            errors.push(format!(
+                                "{what}.key: required (the key, or `sha256:<hex>` of it)"
+                            ));
+                            None
+                        }
+                    },
+                    Some(t),
+                ),
+            };
+            let mut name = None;
+            let mut policy = None;
+            let mut allowed: Option<Vec<String>> = None;
+            let mut expires = None;
+            if let Some(t) = table {
+                for (field, v) in t {
+                    let at = format!("{what}.{field}");
+                    match field.as_str() {
+                        "key" => {}
+                        "name" => match v.as_str() {
+                            Some(n) if is_valid_tenant(n) => name = Some(n.to_string()),
+                            _ => errors.push(format!(
+                                "{at}: the tenant name must be 1-64 letters, digits, `-`, `_` or `.` (it is a metric label), got {v}"
+                            )),
+                        },
+                        "policy" => match v.as_str() {
+                            Some(p) if crate::policy::is_valid_name(p) => policy = Some(p.to_string()),
+                            _ => errors.push(format!(
+                                "{at}: must be a policy name (letters, digits, `-`, `_`), got {v}"
+                            )),
+                        },
+                        "allowed_policies" => {
+                            let list = string_list(&at, v, errors);
+                            for p in &list {
+                                if !crate::policy::is_valid_name(p) {
+                                    errors.push(format!("{at}: `{p}` is not a policy name (letters, digits, `-`, `_`)"));
+                                }
+                            }
+                            allowed = Some(list);
+                        }
+                        "expires" => match datetime_text(v).as_deref().and_then(parse_rfc3339) {
+                            Some(t) => expires = Some(t),
+                            None => errors.push(format!(
+                                "{at}: must be an RFC 3339 time, e.g. \"2027-01-31T00:00:00Z\" or \"2027-01-31T08:00:00+08:00\", got {v}"
+                            )),
+                        },
+                        other => errors.push(format!(
+                            "{what}: unknown field `{other}`; known: {KEY_FIELDS}"
+                        )),
+                    }
                 }
-            } else if e.chars().count() < 16 {
-                errors.push(format!(
-                    "{what}: a client key must be at least 16 characters (or give its digest as `sha256:<hex>`)"
-                ));
-            } else {
-                out.push(Sha256::digest(e.as_bytes()).into());
             }
+            let Some(digest) = key_text.and_then(|k| key_digest(what, &k, errors)) else {
+                continue;
+            };
+            if let Some(prev) = out.iter().find(|k| k.digest == digest) {
+                errors.push(format!(
+                    "{what}: the same key is already listed at {}; list each key once",
+                    prev.origin
+                ));
+                continue;
+            }
+            let binding = (policy.is_some() || allowed.is_some()).then(|| {
+                Arc::new(KeyBinding {
+                    policy,
+                    allowed: allowed.unwrap_or_default(),
+                })
+            });
+            out.push(ClientKey {
+                digest,
+                grant: KeyGrant {
+                    tenant: name
+                        .as_deref()
+                        .map(Arc::from)
+                        .unwrap_or_else(|| unnamed.clone()),
+                    name,
+                    binding,
+                },
+                expires,
+                origin: what.clone(),
+            });
         }
         ClientKeys(out)
     }
@@ -187,17 +437,105 @@ impl ClientKeys {
         !self.0.is_empty()
     }
 
-    /// Whether `key` is one of the configured keys. Digests are compared in
-    /// constant time and every entry is checked.
+    /// Whether `key` is one of the configured keys (expired or not).
     pub fn accepts(&self, key: &str) -> bool {
-        use sha2::{Digest, Sha256};
-        use subtle::ConstantTimeEq;
-        let d: [u8; 32] = Sha256::digest(key.as_bytes()).into();
-        self.0
-            .iter()
-            .fold(subtle::Choice::from(0), |acc, k| acc | k.ct_eq(&d))
-            .into()
+        self.position(key).is_some()
     }
+
+    /// The index of `key`'s entry. Digests are compared in constant time
+    /// and every entry is checked, whichever matches.
+    fn position(&self, key: &str) -> Option<usize> {
+        use sha2::{Digest, Sha256};
+        use subtle::{ConditionallySelectable, ConstantTimeEq};
+        let d: [u8; 32] = Sha256::digest(key.as_bytes()).into();
+        let mut found = subtle::Choice::from(0);
+        let mut index = 0u64;
+        for (i, k) in self.0.iter().enumerate() {
+            let eq = k.digest.ct_eq(&d);
+            index = u64::conditional_select(&index, &(i as u64), eq);
+            found |= eq;
+        }
+        bool::from(found).then_some(index as usize)
+    }
+
+    /// What `key` grants at `now`: its tenant and policy binding, or why
+    /// it is refused.
+    pub fn grant(&self, key: &str, now: SystemTime) -> Result<&KeyGrant, KeyRefusal> {
+        let k = self
+            .position(key)
+            .and_then(|i| self.0.get(i))
+            .ok_or(KeyRefusal::Unknown)?;
+        match k.expires {
+            Some(t) if now >= t => Err(KeyRefusal::Expired),
+            _ => Ok(&k.grant),
+        }
+    }
+
+    /// Every policy a key names must exist in `set`.
+    pub fn check_policies(&self, set: &crate::policy::PolicySet) -> Vec<String> {
+        let names = set.names();
+        let mut errors = Vec::new();
+        for k in &self.0 {
+            let Some(b) = &k.grant.binding else { continue };
+            for (field, p) in b
+                .policy
+                .iter()
+                .map(|p| ("policy", p))
+                .chain(b.allowed.iter().map(|p| ("allowed_policies", p)))
+            {
+                if !names.contains(p) {
+                    errors.push(format!(
+                        "{}.{field}: no policy `{p}`; known: {}",
+                        k.origin,
+                        names.join(", ")
+                    ));
+                }
+            }
+        }
+        errors
+    }
+
+    /// Things an operator should know: keys already expired, and keys whose
+    /// `allowed_policies` include a policy weaker than the key's own
+    /// (see [`crate::policy::Policy::weaker_than`]).
+    pub fn warnings(&self, set: &crate::policy::PolicySet, now: SystemTime) -> Vec<String> {
+        let mut out = Vec::new();
+        for k in &self.0 {
+            if k.expires.is_some_and(|t| now >= t) {
+                out.push(format!(
+                    "{}: this key has expired and is refused (401)",
+                    k.origin
+                ));
+            }
+            let Some(b) = &k.grant.binding else { continue };
+            let Some(own) = set.binding_default(b) else {
+                continue;
+            };
+            for p in &b.allowed {
+                let Ok(other) = set.get(p) else { continue };
+                let why = other.weaker_than(&own);
+                if !why.is_empty() {
+                    out.push(format!(
+                        "{}.allowed_policies: `{p}` is weaker than the key's policy `{}` ({}): its header can lower its floor",
+                        k.origin,
+                        own.name,
+                        why.join("; ")
+                    ));
+                }
+            }
+        }
+        out
+    }
+}
+
+/// What an operator should fix but the gateway can run with (printed by
+/// `check-config`, logged at start): `header_policies` values that select
+/// a weaker policy than the default, keys allowed a policy weaker than
+/// their own, expired keys.
+pub fn policy_warnings(set: &crate::policy::PolicySet, keys: &ClientKeys) -> Vec<String> {
+    let mut out = set.header_warnings();
+    out.extend(keys.warnings(set, SystemTime::now()));
+    out
 }
 
 impl std::fmt::Debug for ClientKeys {
@@ -297,7 +635,7 @@ struct RawServer {
     shutdown_grace_secs: Option<u64>,
     tls_cert_path: Option<PathBuf>,
     tls_key_path: Option<PathBuf>,
-    client_keys: Option<Vec<String>>,
+    client_keys: Option<Vec<KeySpec>>,
     client_keys_file: Option<PathBuf>,
 }
 
@@ -378,8 +716,14 @@ impl Config {
     pub fn load_all(src: &Sources) -> Result<(Config, crate::policy::PolicySet), ConfigError> {
         let (config, mut errors) = Config::build(src)?;
         match crate::policy::PolicySet::load(&config.moderation) {
-            Ok(p) if errors.is_empty() => Ok((config, p)),
-            Ok(_) => Err(ConfigError(errors)),
+            Ok(p) => {
+                errors.extend(config.server.client_keys.check_policies(&p));
+                if errors.is_empty() {
+                    Ok((config, p))
+                } else {
+                    Err(ConfigError(errors))
+                }
+            }
             Err(e) => {
                 errors.extend(e.0);
                 Err(ConfigError(errors))
@@ -1020,6 +1364,153 @@ mod tests {
             errs.iter()
                 .any(|e| e.starts_with("server.client_keys_file: cannot read /nonexistent/keys")),
             "{errs:?}"
+        );
+    }
+
+    #[test]
+    fn client_key_tables_carry_tenant_policy_and_expiry() {
+        let now = SystemTime::now();
+        let c = load(
+            r#"
+[server]
+client_keys = [
+  "plain-key-0123456789",
+  { key = "youth-key-0123456789", name = "youth-service", policy = "strict" },
+  { key = "adult-key-0123456789", name = "wellness.app", policy = "default", allowed_policies = ["strict"], expires = "2999-01-01T08:00:00+08:00" },
+  { key = "old-key-0123456789ab", name = "old", expires = "2001-01-01T00:00:00Z" },
+]
+"#,
+            &[],
+        )
+        .expect("valid keys");
+        let keys = &c.server.client_keys;
+        assert_eq!(keys.count(), 4);
+        let plain = keys.grant("plain-key-0123456789", now).expect("plain");
+        assert_eq!((&*plain.tenant, plain.name.as_deref()), ("unnamed", None));
+        assert!(plain.binding.is_none());
+        let youth = keys.grant("youth-key-0123456789", now).expect("youth");
+        assert_eq!(&*youth.tenant, "youth-service");
+        let b = youth.binding.as_deref().expect("bound");
+        assert_eq!((b.policy.as_deref(), b.allowed.len()), (Some("strict"), 0));
+        let adult = keys.grant("adult-key-0123456789", now).expect("adult");
+        assert_eq!(
+            adult.binding.as_deref().map(|b| b.allowed.clone()),
+            Some(vec!["strict".to_string()])
+        );
+        assert_eq!(
+            keys.grant("old-key-0123456789ab", now).err(),
+            Some(KeyRefusal::Expired)
+        );
+        assert_eq!(
+            keys.grant("nobody-0123456789ab", now).err(),
+            Some(KeyRefusal::Unknown)
+        );
+        assert!(!format!("{keys:?}").contains("youth"));
+
+        let errs = errors_of(
+            r#"
+[server]
+client_keys = [
+  { key = "a-key-0123456789abc", name = "has space", polcy = "strict", expires = "tomorrow", allowed_policies = "strict" },
+  { name = "no-key" },
+  "dup-key-0123456789ab",
+  { key = "dup-key-0123456789ab", name = "dup" },
+]
+"#,
+            &[],
+        );
+        for want in [
+            "server.client_keys[0].name: the tenant name must be",
+            "server.client_keys[0]: unknown field `polcy`; known: key, name, policy, allowed_policies, expires",
+            "server.client_keys[0].expires: must be an RFC 3339 time",
+            "server.client_keys[0].allowed_policies: must be a list of policy names",
+            "server.client_keys[1].key: required",
+            "server.client_keys[3]: the same key is already listed at server.client_keys[2]",
+        ] {
+            assert!(errs.iter().any(|e| e.starts_with(want)), "{want}: {errs:?}");
+        }
+    }
+
+    #[test]
+    fn a_toml_keys_file_and_unknown_key_policies() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("keys.toml");
+        std::fs::write(
+            &file,
+            "[[keys]]\nkey = \"file-key-0123456789\"\nname = \"t1\"\npolicy = \"lenient\"\nexpires = 2999-01-01T00:00:00Z\n",
+        )
+        .expect("write");
+        let policies = concat!(env!("CARGO_MANIFEST_DIR"), "/policies");
+        let src = Sources {
+            file: None,
+            inline_toml: Some(format!(
+                "[server]\nclient_keys_file = \"{}\"\n[moderation]\npolicies_dir = \"{policies}\"\n",
+                file.display()
+            )),
+            env: Some(HashMap::new()),
+        };
+        let c = Config::from_sources(&src).expect("keys parse");
+        let g = c
+            .server
+            .client_keys
+            .grant("file-key-0123456789", SystemTime::now())
+            .expect("grant");
+        assert_eq!(&*g.tenant, "t1");
+        let err = Config::load_all(&src).expect_err("unknown policy");
+        assert!(
+            err.0
+                .iter()
+                .any(|e| e.contains("keys[0].policy: no policy `lenient`; known: default, strict")),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn rfc3339_with_offsets() {
+        let z = parse_rfc3339("2027-01-31T00:00:00Z").expect("z");
+        assert_eq!(parse_rfc3339("2027-01-31T08:00:00+08:00"), Some(z));
+        assert_eq!(parse_rfc3339("2027-01-30T19:00:00-05:00"), Some(z));
+        assert_eq!(parse_rfc3339("2027-01-31"), None);
+        assert_eq!(parse_rfc3339("2027-01-31T00:00:00+25:00"), None);
+    }
+
+    #[test]
+    fn header_policies_weaker_than_the_default_are_warned_about() {
+        let policies = concat!(env!("CARGO_MANIFEST_DIR"), "/policies");
+        let shipped = Config::load_all(&Sources {
+            file: Some(PathBuf::from(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/config/carewall.toml"
+            ))),
+            inline_toml: Some(format!("[moderation]\npolicies_dir = \"{policies}\"\n")),
+            env: Some(HashMap::new()),
+        })
+        .expect("shipped config");
+        assert_eq!(
+            policy_warnings(&shipped.1, &shipped.0.server.client_keys),
+            Vec::<String>::new()
+        );
+        let (c, set) = Config::load_all(&Sources {
+            file: None,
+            inline_toml: Some(format!(
+                "[server]\nclient_keys = [{{ key = \"k-0123456789abcdef\", policy = \"strict\", allowed_policies = [\"default\"] }}]\n\
+                 [moderation]\npolicy = \"strict\"\npolicies_dir = \"{policies}\"\n[moderation.header_policies]\nstrict = \"strict\"\ndefault = \"default\"\n"
+            )),
+            env: Some(HashMap::new()),
+        })
+        .expect("valid");
+        let w = policy_warnings(&set, &c.server.client_keys);
+        assert!(
+            w.iter().any(|w| w.starts_with("moderation.header_policies.default: `default` is weaker than the default policy `strict`")),
+            "{w:?}"
+        );
+        assert!(
+            w.iter().any(|w| w.starts_with("server.client_keys[0].allowed_policies: `default` is weaker than the key's policy `strict`")),
+            "{w:?}"
+        );
+        assert!(
+            !w.iter().any(|w| w.contains("header_policies.strict")),
+            "{w:?}"
         );
     }
 

@@ -29,6 +29,10 @@ pub enum GatewayError {
     /// or not one of them.
     #[error("{0}")]
     Unauthorized(&'static str),
+    /// The request's `x-carewall-policy` names a policy its client key may
+    /// not use (`server.client_keys`: `policy`, `allowed_policies`).
+    #[error("x-carewall-policy: `{value}` is not allowed for this client key; allowed: {}", allowed.join(", "))]
+    PolicyNotAllowed { value: String, allowed: Vec<String> },
     #[error("request body is larger than server.max_body_bytes ({limit} bytes)")]
     PayloadTooLarge { limit: usize },
     #[error("no route for {method} {path}; carewall serves POST /v1/chat/completions, GET /v1/models, POST /v1/moderations, GET /healthz, GET /readyz")]
@@ -72,6 +76,7 @@ impl GatewayError {
         match self {
             GatewayError::BadRequest { .. }
             | GatewayError::Unauthorized(_)
+            | GatewayError::PolicyNotAllowed { .. }
             | GatewayError::PayloadTooLarge { .. }
             | GatewayError::NotFound { .. }
             | GatewayError::MethodNotAllowed { .. } => Source::Client,
@@ -89,6 +94,7 @@ impl GatewayError {
         match self {
             GatewayError::BadRequest { .. } => StatusCode::BAD_REQUEST,
             GatewayError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            GatewayError::PolicyNotAllowed { .. } => StatusCode::FORBIDDEN,
             GatewayError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             GatewayError::NotFound { .. } => StatusCode::NOT_FOUND,
             GatewayError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
@@ -116,6 +122,7 @@ impl GatewayError {
         match self {
             GatewayError::BadRequest { .. }
             | GatewayError::Unauthorized(_)
+            | GatewayError::PolicyNotAllowed { .. }
             | GatewayError::PayloadTooLarge { .. }
             | GatewayError::NotFound { .. }
             | GatewayError::MethodNotAllowed { .. } => "invalid_request_error",
@@ -135,6 +142,7 @@ impl GatewayError {
         match self {
             GatewayError::BadRequest { .. } => "invalid_request",
             GatewayError::Unauthorized(_) => "invalid_api_key",
+            GatewayError::PolicyNotAllowed { .. } => "policy_not_allowed",
             GatewayError::PayloadTooLarge { .. } => "request_too_large",
             GatewayError::NotFound { .. } => "not_found",
             GatewayError::MethodNotAllowed { .. } => "method_not_allowed",

@@ -140,3 +140,65 @@ print("python client key checks passed")
         gw.logs()
     );
 }
+
+/// The verdict headers as the OpenAI Python SDK exposes them
+/// (`with_raw_response`), and a policy its key may not choose as the SDK's
+/// `PermissionDeniedError`.
+#[tokio::test]
+async fn python_openai_sdk_reads_the_verdict_headers_with_raw_response() {
+    assert!(
+        python_has_openai(),
+        "the Python package `openai` is missing: run `bash scripts/setup.sh` (installs tests/requirements.txt)"
+    );
+    let mock = MockUpstream::start(|body: &Value, _| {
+        if last_user(body).contains("guard") {
+            MockReply::pieces(&["I hear you. ", "Go kill yourself."])
+        } else {
+            MockReply::pieces(SAFE)
+        }
+    })
+    .await;
+    let mut opts = GatewayOptions::new(Some(mock.base_url()));
+    opts.server_extra =
+        "client_keys = [{ key = \"py-strict-key-0123456789\", name = \"py-tenant\", policy = \"strict\" }]\n".into();
+    let gw = Gateway::start(opts);
+    let script = r#"
+import os, openai
+base = os.environ["CAREWALL_BASE_URL"]
+c = openai.OpenAI(base_url=base, api_key="py-strict-key-0123456789", max_retries=0)
+def ask(user, **kw):
+    return c.chat.completions.with_raw_response.create(
+        model="gpt-test", messages=[{"role": "user", "content": user}], **kw)
+raw = ask("hi")
+assert raw.headers.get("x-carewall-action") == "allow", dict(raw.headers)
+assert raw.headers.get("x-carewall-category") == "safe_response", dict(raw.headers)
+assert raw.headers.get("x-carewall-policy") == "strict", dict(raw.headers)
+assert raw.parse().choices[0].message.content.startswith("I hear you."), raw.parse()
+raw = ask("guard me")
+assert raw.headers.get("x-carewall-action") == "block", dict(raw.headers)
+assert raw.headers.get("x-carewall-category") == "toxic_language", dict(raw.headers)
+r = raw.parse()
+assert r.choices[0].finish_reason == "content_filter", r
+assert "kill" not in r.choices[0].message.content, r
+assert r.to_dict()["moderation"]["guards"][0]["id"] == "self-harm-en", r.to_dict()
+s = ask("hi", stream=True)
+assert s.headers.get("x-carewall-policy") == "strict", dict(s.headers)
+text = "".join(ch.choices[0].delta.content or "" for ch in s.parse() if ch.choices)
+assert text.startswith("I hear you."), text
+try:
+    c.chat.completions.create(model="gpt-test", messages=[{"role": "user", "content": "hi"}],
+                              extra_headers={"x-carewall-policy": "default"})
+    raise SystemExit("a weaker policy was accepted")
+except openai.PermissionDeniedError as e:
+    assert e.status_code == 403 and e.code == "policy_not_allowed", (e.status_code, e.code)
+print("python verdict header checks passed")
+"#;
+    let (out, gw) = run_python(vec!["-c".into(), script.into()], gw).await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && stdout.contains("python verdict header checks passed"),
+        "stdout:\n{stdout}\nstderr:\n{stderr}\ngateway log:\n{}",
+        gw.logs()
+    );
+}

@@ -116,6 +116,8 @@ fn flagged_request(incoming: &HeaderMap, request_id: &str) -> HeaderMap {
         added_ttft: Some(Duration::from_millis(20)),
         trace_id: trace_id.as_deref(),
         error: None,
+        tenant: Some("youth-service"),
+        guards: None,
     });
     upstream_headers
 }

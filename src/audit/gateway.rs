@@ -121,7 +121,8 @@ pub fn audit_record(record: ExchangeRecord, action: String, shadow: bool) -> Aud
     AuditRecord {
         request_id: verdict.request_id,
         time: timings.started_at,
-        tenant: client.key_id,
+        // The key's tenant name when it has one, else its fingerprint.
+        tenant: client.tenant.or(client.key_id),
         // The explicit conversation header wins over the end-user id.
         conversation_key: client
             .conversation
@@ -209,6 +210,8 @@ mod tests {
                 retries: 0,
                 error: None,
                 flagged_categories: vec![Category::ToxicLanguage],
+                source: mode.map(|_| crate::moderation::verdict::Source::Model),
+                guards: Vec::new(),
             },
             outcome: ExchangeOutcome::Completed,
             drafts: Vec::new(),
@@ -227,6 +230,7 @@ mod tests {
             },
             client: ClientIdentity {
                 key_id: Some("key-00".into()),
+                tenant: None,
                 conversation: Some("conv".into()),
             },
         }

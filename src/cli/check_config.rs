@@ -48,5 +48,15 @@ pub fn run(args: CheckConfigArgs) -> anyhow::Result<()> {
         policies.names().join(", ")
     );
     println!("  classifier:  {}", classifier.name());
+    println!(
+        "  client keys: {}",
+        match config.server.client_keys.count() {
+            0 => "none (every client is let through)".to_string(),
+            n => n.to_string(),
+        }
+    );
+    for w in crate::config::policy_warnings(&policies, &config.server.client_keys) {
+        println!("warning: {w}");
+    }
     Ok(())
 }

@@ -181,7 +181,8 @@ for question, policy in [("{q}", "default"),
     print(f"\n>>> {{question}}  (policy {{policy}})")
     stream = client.chat.completions.create(
         model="demo", stream=True, messages=[{{"role": "user", "content": question}}],
-        extra_headers={{"x-carewall-policy": policy}})
+        # The default needs no header (config/carewall.toml offers only `strict`).
+        extra_headers={{"x-carewall-policy": policy}} if policy != "default" else {{}})
     for chunk in stream:
         if chunk.choices and chunk.choices[0].delta.content:
             print(chunk.choices[0].delta.content, end="", flush=True)

@@ -180,6 +180,9 @@ pub async fn serve_with(
         );
     }
     on_bound(addr);
+    for w in state.policy_warnings() {
+        tracing::warn!(warning = %w, "configuration warning (carewall check-config lists them)");
+    }
     spawn_reload_on_sighup(state.clone());
     proxy::serve(state, listener, shutdown).await?;
     Ok(())

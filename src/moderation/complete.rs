@@ -89,8 +89,15 @@ pub async fn run(job: CompleteJob, first: Value) -> (Value, Verdict) {
             .classify(&job.request.context, &response_text(&upstream_text))
             .await
         {
-            Ok(c) => {
+            Ok(mut c) => {
                 classify_total += c.elapsed;
+                super::guard(
+                    &job.policy,
+                    &job.probe,
+                    &upstream_text,
+                    &mut c.scores,
+                    &mut tally,
+                );
                 let d = job.policy.decide(&c.scores);
                 super::observe_decision(&job.probe, span, &job.policy.name, &d, &c);
                 tally.gate(&job.policy, &d, c.scores, false, false)
@@ -100,7 +107,8 @@ pub async fn run(job: CompleteJob, first: Value) -> (Value, Verdict) {
                 if let Some(span) = span {
                     span.failed(super::error_kind(&e));
                 }
-                tally.gate_error(&job.policy, &e, false, false)
+                let guard = super::guard_alone(&job.policy, &job.probe, &upstream_text, &mut tally);
+                tally.gate_error(&job.policy, &e, guard.as_ref(), false, false)
             }
         };
         match gate {

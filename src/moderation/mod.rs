@@ -27,7 +27,7 @@ use tokio::sync::Semaphore;
 
 use crate::classifier::{Classifier, ClassifyError, Pair, Scores};
 use crate::error::GatewayError;
-use crate::policy::{Decision, Mode};
+use crate::policy::{Decision, Mode, Policy};
 use crate::telemetry::{Classification, RequestProbe};
 
 pub use sink::{
@@ -166,6 +166,53 @@ fn observe_decision(
         None => (d.top, c.scores.get(d.top), d.action().key(), mode_key(None)),
     };
     probe.decision(policy, category, score, action, mode);
+}
+
+/// The policy's guards on `reply` (the text the classifier judged in this
+/// check), when the classification succeeded: enforce hits are merged into
+/// `scores` (1.0 for their category) before the policy decides, every hit
+/// is recorded in the tally (verdict `guards`), and hits new to this
+/// response are counted (`carewall_guard_hits_total`) and put on the span.
+pub(crate) fn guard(
+    policy: &Policy,
+    probe: &RequestProbe,
+    reply: &str,
+    scores: &mut Scores,
+    tally: &mut verdict::Tally,
+) {
+    if policy.guards.is_empty() {
+        return;
+    }
+    let hits = policy.guards.apply(reply, scores);
+    if !hits.is_empty() {
+        for h in tally.note_guards(policy, hits) {
+            probe.guard_hit(&h.id, h.category);
+        }
+    }
+}
+
+/// The policy's guards on `reply` when the classification failed: the
+/// decision on the guard hits alone (`None` when no guard matched), for
+/// [`verdict::Tally::gate_error`], so a guard still blocks while the
+/// model is down.
+pub(crate) fn guard_alone(
+    policy: &Policy,
+    probe: &RequestProbe,
+    reply: &str,
+    tally: &mut verdict::Tally,
+) -> Option<Decision> {
+    if policy.guards.is_empty() {
+        return None;
+    }
+    let hits = policy.guards.find(reply);
+    if hits.is_empty() {
+        return None;
+    }
+    let decision = policy.decide_guards(&hits);
+    for h in tally.note_guards(policy, hits) {
+        probe.guard_hit(&h.id, h.category);
+    }
+    Some(decision)
 }
 
 /// Provider token usage (`{"prompt_tokens", "completion_tokens"}`) onto the

@@ -78,6 +78,8 @@ pub struct ClientIdentity {
     /// A fingerprint of the client's bearer key (`key-` + 16 hex digits of
     /// its SHA-256), never the key itself; `None` without `Authorization`.
     pub key_id: Option<String>,
+    /// The client key's `name` (the tenant), when it has one; never the key.
+    pub tenant: Option<String>,
     /// The `x-carewall-conversation-id` header (the audit trail falls back
     /// to the request's `user` field).
     pub conversation: Option<String>,

@@ -596,6 +596,13 @@ impl Run<'_> {
                 if !whole {
                     opening_only(&mut c.scores);
                 }
+                super::guard(
+                    &self.job.policy,
+                    &self.job.probe,
+                    reply,
+                    &mut c.scores,
+                    &mut self.tally,
+                );
                 let d = self.job.policy.decide(&c.scores);
                 super::observe_decision(&self.job.probe, span, &self.job.policy.name, &d, &c);
                 self.tally
@@ -607,8 +614,10 @@ impl Run<'_> {
                     span.failed(super::error_kind(&e));
                 }
                 let can_hold = self.job.mode == StreamMode::Window && !last;
+                let guard =
+                    super::guard_alone(&self.job.policy, &self.job.probe, reply, &mut self.tally);
                 self.tally
-                    .gate_error(&self.job.policy, &e, observe, can_hold)
+                    .gate_error(&self.job.policy, &e, guard.as_ref(), observe, can_hold)
             }
         };
         Some(gate)

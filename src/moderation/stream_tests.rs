@@ -921,3 +921,90 @@ mod coverage_property {
         }
     }
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_guard_blocks_a_sentence_the_model_allowed_before_it_is_released() {
+    // The keyword stand-in scores these as safe; the shipped guard does not.
+    let o = window(&[
+        "I hear you. ",
+        "Honestly, go k",
+        "ill yourself. ",
+        "More text.",
+    ])
+    .await;
+    let text = o.text();
+    assert!(text.starts_with("I hear you."), "{text}");
+    assert!(!text.contains("kill"), "guarded text leaked: {text}");
+    assert!(!text.contains("More text"), "{text}");
+    let p = policy(StreamMode::Window, "default");
+    assert!(text.ends_with(&p.block_reply.en), "{text}");
+    let last = o.last_chunk();
+    assert_eq!(last["choices"][0]["finish_reason"], "content_filter");
+    let v = &last["moderation"];
+    assert_eq!(v["action"], "block");
+    assert_eq!(v["category"], "toxic_language");
+    assert_eq!(v["source"], "guard");
+    assert_eq!(
+        v["guards"],
+        json!([{"id": "self-harm-en", "category": "toxic_language", "mode": "enforce"}])
+    );
+    assert_eq!(v["scores"]["toxic_language"], 1.0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_guard_still_blocks_when_the_classifier_fails() {
+    // Default fails open: without the guard this text would be released.
+    let o = window(&["Fine. ", "[[classifier-error]] 去死吧。", " more."]).await;
+    let text = o.text();
+    assert!(!text.contains("去死"), "{text}");
+    let v = &o.last_chunk()["moderation"];
+    assert_eq!(v["action"], "block");
+    assert_eq!(v["source"], "guard");
+    assert_eq!(v["guards"][0]["id"], "self-harm-zh");
+    assert!(v["error"].as_str().is_some(), "{v}");
+    assert_eq!(v["unclassified"], false, "{v}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn observe_and_shadow_guards_only_record() {
+    let o = run_with(
+        policy(StreamMode::Observe, "default"),
+        Arc::new(SlowKeyword),
+        scripted(reply(&["ok. ", "kys"]), None),
+        Arc::new(Replies::default()),
+        "hi",
+    )
+    .await;
+    assert_eq!(o.text(), "ok. kys");
+    let v = &o.last_chunk()["moderation"];
+    assert_eq!(v["action"], "annotate");
+    assert_eq!(v["mode"], "shadow");
+    assert_eq!(v["source"], "guard");
+    assert_eq!(v["guards"][0]["id"], "self-harm-en");
+
+    let mut p = policy(StreamMode::Window, "default");
+    let dir = std::path::PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/policies"));
+    let text = std::fs::read_to_string(dir.join("default.toml"))
+        .expect("policy")
+        .replace(
+            "mode = \"enforce\"\nphrases_file = \"guards/self-harm-en.txt\"",
+            "mode = \"shadow\"\nphrases_file = \"guards/self-harm-en.txt\"",
+        );
+    p.guards = crate::policy::parse::parse_policy(&text, "default", &dir)
+        .expect("valid")
+        .guards;
+    let o = run_with(
+        p,
+        Arc::new(SlowKeyword),
+        scripted(reply(&["ok. ", "kys"]), None),
+        Arc::new(Replies::default()),
+        "hi",
+    )
+    .await;
+    assert_eq!(o.text(), "ok. kys");
+    let v = &o.last_chunk()["moderation"];
+    assert_eq!(v["action"], "allow", "{v}");
+    assert_eq!(v["mode"], "shadow");
+    assert_eq!(v["shadow"][0]["action"], "block");
+    assert_eq!(v["guards"][0]["mode"], "shadow");
+}

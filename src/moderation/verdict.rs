@@ -8,7 +8,9 @@ use serde::ser::SerializeMap;
 use serde::{Serialize, Serializer};
 
 use crate::classifier::{Category, ClassifyError, Scores};
-use crate::policy::{Action, Candidate, Decision, Lang, Mode, OnError, Policy, StreamMode};
+use crate::policy::{
+    Action, Candidate, Decision, GuardHit, Lang, Mode, OnError, Policy, StreamMode,
+};
 
 /// A shadow (or observe-mode) finding: what would have happened.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
@@ -16,6 +18,26 @@ pub struct WouldHave {
     pub category: Category,
     pub score: f32,
     pub action: Action,
+}
+
+/// A guard that matched the response (`guards` in the verdict).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct GuardFinding {
+    /// The guard's id in the policy file.
+    pub id: String,
+    pub category: Category,
+    /// The guard's mode: `shadow` guards only record.
+    pub mode: Mode,
+}
+
+/// What produced the finding the verdict's category names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Source {
+    /// The classifier's score crossed the threshold.
+    Model,
+    /// A guard of the policy matched (score 1.0).
+    Guard,
 }
 
 /// The `moderation` object in responses and the audit record's core.
@@ -60,6 +82,12 @@ pub struct Verdict {
     /// or passed when the policy says `unknown_fields = "pass"`).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub unknown_fields: Vec<String>,
+    /// `guard` when a guard hit for `category` decided (or, in shadow, was
+    /// the finding), `model` when the classifier's score did; `null` when
+    /// nothing was flagged.
+    pub source: Option<Source>,
+    /// Every guard that matched the response (each once), enforce or shadow.
+    pub guards: Vec<GuardFinding>,
 }
 
 impl Verdict {
@@ -173,6 +201,8 @@ pub struct Tally {
     flagged: BTreeSet<Category>,
     /// Text was released without a passing classification.
     pub unjudged: bool,
+    /// Guards that matched, each once, in the order first seen.
+    pub guards: Vec<GuardHit>,
 }
 
 impl Default for Tally {
@@ -190,6 +220,7 @@ impl Default for Tally {
             top: None,
             flagged: BTreeSet::new(),
             unjudged: false,
+            guards: Vec::new(),
         }
     }
 }
@@ -231,6 +262,17 @@ impl Tally {
             None => self.last_scores = Some(scores),
         }
         self.top = Some(decision.top);
+        self.apply(policy, decision, released_any, observe)
+    }
+
+    /// Record a decision's findings and decide what happens to the text.
+    fn apply(
+        &mut self,
+        policy: &Policy,
+        decision: &Decision,
+        released_any: bool,
+        observe: bool,
+    ) -> Gate {
         self.flagged.extend(
             decision
                 .enforced
@@ -279,17 +321,56 @@ impl Tally {
         }
     }
 
+    /// Record guard hits of one check (each guard once per response).
+    /// Shadow hits become shadow findings with their category's action;
+    /// enforce hits reach the decision through the scores. Returns the
+    /// hits not seen before in this response (for metrics).
+    pub fn note_guards(&mut self, policy: &Policy, hits: Vec<GuardHit>) -> Vec<GuardHit> {
+        let mut new = Vec::new();
+        for h in hits {
+            if h.mode == Mode::Shadow {
+                if let Some(rule) = policy.rules.get(&h.category) {
+                    self.flagged.insert(h.category);
+                    self.shadow(&Candidate {
+                        category: h.category,
+                        score: 1.0,
+                        action: rule.action,
+                        mode: Mode::Shadow,
+                    });
+                }
+            }
+            if !self.guards.iter().any(|g| g.id == h.id) {
+                self.guards.push(h.clone());
+                new.push(h);
+            }
+        }
+        new
+    }
+
     /// Record a classifier failure and apply the policy's `on_error`.
-    /// `can_hold`: a later check will cover this text (a window check in
-    /// `window` mode). Text released here is marked unjudged.
+    /// `guard`: the decision on this check's guard hits, if any guard
+    /// matched: a guard whose category's action withholds the text (block,
+    /// replace; retry, which could not be judged, becomes replace) stops
+    /// the response even though the model is down; milder ones are recorded
+    /// and `on_error` decides. `can_hold`: a later check will cover this
+    /// text (a window check in `window` mode). Text released here is marked
+    /// unjudged.
     pub fn gate_error(
         &mut self,
         policy: &Policy,
         err: &ClassifyError,
+        guard: Option<&Decision>,
         observe: bool,
         can_hold: bool,
     ) -> Gate {
         self.error = Some(err.to_string());
+        if let Some(d) = guard {
+            // `released_any = true`: no retry whose answer nothing could judge.
+            let g = self.apply(policy, d, true, observe);
+            if matches!(g, Gate::Stop { .. }) {
+                return g;
+            }
+        }
         let gate = if observe {
             Gate::Release
         } else {
@@ -357,6 +438,20 @@ impl Tally {
             None
         };
         let decided = category.or_else(|| shadow.first().map(|w| w.category));
+        let source = match (mode, decided) {
+            (Some(m), Some(c)) => Some(
+                if self
+                    .guards
+                    .iter()
+                    .any(|g| g.category == c && (g.mode == m || m == Mode::Shadow))
+                {
+                    Source::Guard
+                } else {
+                    Source::Model
+                },
+            ),
+            _ => None,
+        };
         let category = match decided {
             Some(c) => Some(c),
             // Unclassified text and no finding: no category can honestly be
@@ -382,6 +477,16 @@ impl Tally {
             error: self.error.clone(),
             flagged_categories: self.flagged.iter().copied().collect(),
             unknown_fields: Vec::new(),
+            source,
+            guards: self
+                .guards
+                .iter()
+                .map(|g| GuardFinding {
+                    id: g.id.to_string(),
+                    category: g.category,
+                    mode: g.mode,
+                })
+                .collect(),
         }
     }
 }
@@ -569,7 +674,7 @@ mod tests {
         let p = policy();
         let mut t = Tally::default();
         let e = ClassifyError::Timeout { ms: 5 };
-        assert_eq!(t.gate_error(&p, &e, false, true), Gate::Release);
+        assert_eq!(t.gate_error(&p, &e, None, false, true), Gate::Release);
         let v = t.verdict(&meta());
         assert!(v.unclassified);
         assert_eq!(v.category, None);
@@ -588,14 +693,14 @@ mod tests {
         }
         let mut t = Tally::default();
         let e = ClassifyError::Overloaded { capacity: 1 };
-        assert_eq!(t.gate_error(&p, &e, false, true), Gate::Hold);
+        assert_eq!(t.gate_error(&p, &e, None, false, true), Gate::Hold);
         assert!(!t.unjudged);
         let sc = scores(Category::SafeResponse, 0.0);
         assert_eq!(t.gate(&p, &p.decide(&sc), sc, false, false), Gate::Release);
         t.recovered();
         assert!(!t.verdict(&meta()).unclassified);
         // The final check cannot hold: released, labelled.
-        assert_eq!(t.gate_error(&p, &e, false, false), Gate::Release);
+        assert_eq!(t.gate_error(&p, &e, None, false, false), Gate::Release);
         assert!(t.verdict(&meta()).unclassified);
     }
 

@@ -4,7 +4,8 @@
 //! Invariant: `policy` does no I/O after loading and knows nothing about HTTP
 //! or streams. [`PolicySet`] is immutable; reloads build a new one.
 
-mod parse;
+mod guards;
+pub(crate) mod parse;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -13,7 +14,10 @@ use serde::Serialize;
 
 use crate::classifier::{Category, Scores};
 
-pub use parse::{is_valid_name, load_policy_file, PolicySet};
+pub use guards::{prepare as prepare_guard_text, GuardHit, GuardLang, GuardSet};
+pub use parse::{
+    is_valid_name, load_policy_file, KeyBinding, PolicySet, SelectError, UnknownHeaderPolicy,
+};
 
 /// How a streamed response is moderated.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -196,6 +200,9 @@ pub struct Policy {
     pub block_reply: Texts,
     /// One rule per unsafe category (all seven are required in the file).
     pub rules: BTreeMap<Category, CategoryRule>,
+    /// `[[guards]]`: phrase lists and patterns acted on whatever the model
+    /// scored (see [`GuardSet`]).
+    pub guards: GuardSet,
 }
 
 /// A category that crossed its threshold.
@@ -275,6 +282,109 @@ impl Policy {
         }
     }
 
+    /// The decision on guard hits alone, for a check whose classification
+    /// failed: every enforce hit is a candidate with score 1.0 and its
+    /// category's action and mode; nothing else is.
+    pub fn decide_guards(&self, hits: &[GuardHit]) -> Decision {
+        let mut enforced = Vec::new();
+        let mut shadow = Vec::new();
+        for h in hits.iter().filter(|h| h.mode == Mode::Enforce) {
+            let Some(rule) = self.rules.get(&h.category) else {
+                continue;
+            };
+            let c = Candidate {
+                category: h.category,
+                score: 1.0,
+                action: rule.action,
+                mode: rule.mode,
+            };
+            let list = match rule.mode {
+                Mode::Enforce => &mut enforced,
+                Mode::Shadow => &mut shadow,
+            };
+            if !list.iter().any(|x: &Candidate| x.category == c.category) {
+                list.push(c);
+            }
+        }
+        enforced.sort_by(by_severity);
+        shadow.sort_by(by_severity);
+        let top = enforced
+            .first()
+            .or(shadow.first())
+            .map(|c| c.category)
+            .unwrap_or(Category::SafeResponse);
+        Decision {
+            applied: enforced.first().copied(),
+            enforced,
+            shadow,
+            top,
+        }
+    }
+
+    /// How this policy is weaker than `other`, one reason per difference
+    /// (empty: at least as strict everywhere). Weaker means, for any unsafe
+    /// category: shadow where `other` enforces; a less severe action
+    /// (allow < annotate < append < retry < replace < block); a higher
+    /// threshold; a more lenient `on_error` (fail_open < hold <
+    /// fail_closed). Also a streaming mode that holds less (observe <
+    /// window < buffer) and a guard id of `other` that this policy lacks.
+    pub fn weaker_than(&self, other: &Policy) -> Vec<String> {
+        fn on_error_rank(e: OnError) -> u8 {
+            match e {
+                OnError::FailOpen => 0,
+                OnError::Hold => 1,
+                OnError::FailClosed => 2,
+            }
+        }
+        fn streaming_rank(m: StreamMode) -> u8 {
+            match m {
+                StreamMode::Observe => 0,
+                StreamMode::Window => 1,
+                StreamMode::Buffer => 2,
+            }
+        }
+        let mut why = Vec::new();
+        for (cat, theirs) in &other.rules {
+            let Some(mine) = self.rules.get(cat) else {
+                continue;
+            };
+            let k = cat.key();
+            let enforced = |r: &CategoryRule| r.mode == Mode::Enforce && r.action != Action::Allow;
+            if enforced(theirs) && !enforced(mine) {
+                why.push(format!("{k}: not enforced"));
+                continue;
+            }
+            if !enforced(theirs) {
+                continue;
+            }
+            if mine.action < theirs.action {
+                why.push(format!(
+                    "{k}: action {} < {}",
+                    mine.action.key(),
+                    theirs.action.key()
+                ));
+            }
+            if mine.threshold > theirs.threshold {
+                why.push(format!(
+                    "{k}: threshold {} > {}",
+                    mine.threshold, theirs.threshold
+                ));
+            }
+            if on_error_rank(mine.on_error) < on_error_rank(theirs.on_error) {
+                why.push(format!("{k}: more lenient on_error"));
+            }
+        }
+        if streaming_rank(self.streaming) < streaming_rank(other.streaming) {
+            why.push("streaming holds less".into());
+        }
+        for id in other.guards.ids() {
+            if !self.guards.ids().contains(&id) {
+                why.push(format!("lacks guard `{id}`"));
+            }
+        }
+        why
+    }
+
     /// What a classifier failure means under this policy: the strictest
     /// `on_error` of any enforced category wins (fail closed, then hold,
     /// then fail open).
@@ -318,7 +428,8 @@ mod tests {
 
     fn policy() -> Policy {
         let text = include_str!("../../policies/default.toml");
-        parse::parse_policy(text, "default").expect("shipped default policy parses")
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("policies");
+        parse::parse_policy(text, "default", &dir).expect("shipped default policy parses")
     }
 
     #[test]
@@ -401,6 +512,43 @@ mod tests {
             .enforced
             .iter()
             .any(|c| c.category == Category::ToxicLanguage));
+    }
+
+    #[test]
+    fn weaker_compares_every_category_streaming_and_guards() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("policies");
+        let strict =
+            parse::parse_policy(include_str!("../../policies/strict.toml"), "strict", &dir)
+                .expect("strict");
+        let default = policy();
+        assert!(strict.weaker_than(&default).is_empty());
+        let why = default.weaker_than(&strict);
+        assert!(
+            why.iter()
+                .any(|w| w == "toxic_language: threshold 0.4 > 0.3"),
+            "{why:?}"
+        );
+        assert!(why.iter().any(|w| w == "streaming holds less"), "{why:?}");
+        assert!(
+            why.iter().any(|w| w.starts_with("nonsense: more lenient")),
+            "{why:?}"
+        );
+        let mut shadowed = strict.clone();
+        shadowed
+            .rules
+            .get_mut(&Category::ToxicLanguage)
+            .expect("rule")
+            .mode = Mode::Shadow;
+        shadowed.guards = GuardSet::default();
+        let why = shadowed.weaker_than(&strict);
+        assert!(
+            why.contains(&"toxic_language: not enforced".to_string()),
+            "{why:?}"
+        );
+        assert!(
+            why.contains(&"lacks guard `self-harm-zh`".to_string()),
+            "{why:?}"
+        );
     }
 
     #[test]

@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use serde::Deserialize;
 
+use super::guards::{GuardSet, RawGuard};
 use super::{
     Action, CategoryRule, Mode, OnError, Policy, PolicyRef, StreamMode, Texts, UnknownFields,
 };
@@ -46,6 +47,8 @@ struct RawPolicy {
     block_reply: Option<RawTexts>,
     #[serde(default)]
     categories: BTreeMap<String, RawRule>,
+    #[serde(default)]
+    guards: Vec<RawGuard>,
 }
 
 /// Letters, digits, `-` and `_`: policy names are file stems, never paths.
@@ -72,8 +75,13 @@ fn texts(key: &str, raw: Option<RawTexts>, errors: &mut Vec<String>) -> Option<T
 
 /// Parse and validate one policy file's text. `expected_name` is the file
 /// stem; the `name` inside must match it so that logs and verdicts never
-/// disagree with the file an operator edits.
-pub(crate) fn parse_policy(text: &str, expected_name: &str) -> Result<Policy, Vec<String>> {
+/// disagree with the file an operator edits. `dir` is the policy file's
+/// folder: guard list files are relative to it.
+pub(crate) fn parse_policy(
+    text: &str,
+    expected_name: &str,
+    dir: &Path,
+) -> Result<Policy, Vec<String>> {
     let raw: RawPolicy = match toml::from_str(text) {
         Ok(r) => r,
         Err(e) => return Err(vec![e.to_string().replace('\n', " ").trim().to_string()]),
@@ -223,6 +231,7 @@ pub(crate) fn parse_policy(text: &str, expected_name: &str) -> Result<Policy, Ve
             ));
         }
     }
+    let guards = GuardSet::load(raw.guards, dir, &mut errors);
     if !errors.is_empty() {
         return Err(errors);
     }
@@ -241,6 +250,7 @@ pub(crate) fn parse_policy(text: &str, expected_name: &str) -> Result<Policy, Ve
         block_reply: block_reply.unwrap_or_else(|| safe_reply.clone()),
         safe_reply,
         rules,
+        guards,
     })
 }
 
@@ -258,6 +268,27 @@ pub struct PolicySet {
 pub struct UnknownHeaderPolicy {
     pub value: String,
     pub known: Vec<String>,
+}
+
+/// The policies a client key is bound to (`policy`, `allowed_policies` in
+/// `server.client_keys`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyBinding {
+    /// The key's default policy; `None`: `moderation.policy`.
+    pub policy: Option<String>,
+    /// What the key's `x-carewall-policy` header may choose besides its
+    /// default (policy names, or `moderation.header_policies` values that
+    /// map to them).
+    pub allowed: Vec<String>,
+}
+
+/// Why a request's policy could not be chosen.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SelectError {
+    /// The header names no policy this gateway offers (400).
+    Unknown(UnknownHeaderPolicy),
+    /// The header names a policy the client key may not use (403).
+    NotAllowed { value: String, allowed: Vec<String> },
 }
 
 impl PolicySet {
@@ -370,6 +401,80 @@ impl PolicySet {
         }
     }
 
+    /// The policy for a request whose client key has `binding` (see
+    /// [`KeyBinding`]); without one, exactly [`PolicySet::select`]. With
+    /// one, no header means the key's policy, and a header (a policy name,
+    /// or a `header_policies` value) must resolve to the key's policy or
+    /// one of its `allowed_policies`, else [`SelectError::NotAllowed`].
+    pub fn select_for(
+        &self,
+        binding: Option<&KeyBinding>,
+        header: Option<&str>,
+    ) -> Result<PolicyRef, SelectError> {
+        let Some(b) = binding else {
+            return self.select(header).map_err(SelectError::Unknown);
+        };
+        let own = b.policy.as_deref().unwrap_or(&self.default);
+        let name = match header {
+            None => own,
+            Some(v) => self.header.get(v).map(String::as_str).unwrap_or(v),
+        };
+        let allowed = name == own || b.allowed.iter().any(|a| a == name);
+        match (allowed, self.policies.get(name)) {
+            (true, Some(p)) => Ok(p.clone()),
+            _ => {
+                let mut names = vec![own.to_string()];
+                names.extend(b.allowed.iter().filter(|a| *a != own).cloned());
+                Err(SelectError::NotAllowed {
+                    value: header.unwrap_or(own).to_string(),
+                    allowed: names,
+                })
+            }
+        }
+    }
+
+    /// A policy by name.
+    pub fn get(&self, name: &str) -> Result<PolicyRef, UnknownHeaderPolicy> {
+        self.policies
+            .get(name)
+            .cloned()
+            .ok_or_else(|| UnknownHeaderPolicy {
+                value: name.to_string(),
+                known: self.names(),
+            })
+    }
+
+    /// The default policy of a key binding.
+    pub fn binding_default(&self, b: &KeyBinding) -> Option<PolicyRef> {
+        self.policies
+            .get(b.policy.as_deref().unwrap_or(&self.default))
+            .cloned()
+    }
+
+    /// `moderation.header_policies` entries that select a policy weaker
+    /// than the default (see [`Policy::weaker_than`]): without client keys
+    /// bound to policies, any client can lower its own floor with them.
+    pub fn header_warnings(&self) -> Vec<String> {
+        let Some(default) = self.default_policy() else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for (value, name) in &self.header {
+            let Some(p) = self.policies.get(name) else {
+                continue;
+            };
+            let why = p.weaker_than(&default);
+            if !why.is_empty() {
+                out.push(format!(
+                    "moderation.header_policies.{value}: `{name}` is weaker than the default policy `{}` ({}): any client can lower its moderation with `x-carewall-policy: {value}`; remove it, or bind client keys to policies (server.client_keys: policy, allowed_policies)",
+                    default.name,
+                    why.join("; ")
+                ));
+            }
+        }
+        out
+    }
+
     /// The default policy.
     pub fn default_policy(&self) -> Option<PolicyRef> {
         self.policies.get(&self.default).cloned()
@@ -394,7 +499,8 @@ pub fn load_policy_file(path: &Path) -> Result<Policy, String> {
 
 fn load_file(path: &Path, stem: &str) -> Result<Policy, Vec<String>> {
     let text = std::fs::read_to_string(path).map_err(|e| vec![format!("cannot read: {e}")])?;
-    parse_policy(&text, stem)
+    let dir = path.parent().unwrap_or(Path::new("."));
+    parse_policy(&text, stem, dir)
 }
 
 #[cfg(test)]
@@ -403,7 +509,7 @@ mod tests {
     use std::path::PathBuf;
 
     fn errs(text: &str) -> Vec<String> {
-        match parse_policy(text, "p") {
+        match parse_policy(text, "p", Path::new(".")) {
             Ok(_) => panic!("expected errors"),
             Err(e) => e,
         }
@@ -442,7 +548,7 @@ action = "annotate"
 
     #[test]
     fn minimal_policy_parses_with_defaults() {
-        let p = parse_policy(MINIMAL, "p").expect("valid");
+        let p = parse_policy(MINIMAL, "p", Path::new(".")).expect("valid");
         assert_eq!(p.streaming, StreamMode::Window);
         assert_eq!(p.max_retries, 1);
         assert_eq!(p.block_reply, p.safe_reply);
@@ -462,7 +568,8 @@ action = "annotate"
             ("default", include_str!("../../policies/default.toml")),
             ("strict", include_str!("../../policies/strict.toml")),
         ] {
-            if let Err(e) = parse_policy(text, name) {
+            let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("policies");
+            if let Err(e) = parse_policy(text, name, &dir) {
                 panic!("{name}: {e:?}");
             }
         }
@@ -532,7 +639,7 @@ action = "annotate"
 
     #[test]
     fn name_must_match_file() {
-        let e = match parse_policy(MINIMAL, "other") {
+        let e = match parse_policy(MINIMAL, "other", Path::new(".")) {
             Ok(_) => panic!("expected error"),
             Err(e) => e,
         };
@@ -553,6 +660,69 @@ action = "annotate"
                 .collect(),
             max_concurrent_classifications: 4,
         }
+    }
+
+    #[test]
+    fn keys_bound_to_policies_choose_only_what_they_allow() {
+        let dir = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/policies"));
+        let set = PolicySet::load(&moderation(
+            dir,
+            "default",
+            &[("lenient", "default"), ("strict", "strict")],
+        ))
+        .expect("loads");
+        // No binding: the header map, as without keys.
+        assert_eq!(
+            set.select_for(None, Some("lenient")).expect("mapped").name,
+            "default"
+        );
+        let strict_only = KeyBinding {
+            policy: Some("strict".into()),
+            allowed: vec![],
+        };
+        assert_eq!(
+            set.select_for(Some(&strict_only), None).expect("own").name,
+            "strict"
+        );
+        assert_eq!(
+            set.select_for(Some(&strict_only), Some("strict"))
+                .expect("own")
+                .name,
+            "strict"
+        );
+        for header in ["default", "lenient", "nonexistent"] {
+            assert_eq!(
+                set.select_for(Some(&strict_only), Some(header)).err(),
+                Some(SelectError::NotAllowed {
+                    value: header.into(),
+                    allowed: vec!["strict".into()]
+                }),
+                "{header}"
+            );
+        }
+        let adult = KeyBinding {
+            policy: Some("default".into()),
+            allowed: vec!["strict".into()],
+        };
+        assert_eq!(
+            set.select_for(Some(&adult), None).expect("own").name,
+            "default"
+        );
+        assert_eq!(
+            set.select_for(Some(&adult), Some("strict"))
+                .expect("allowed")
+                .name,
+            "strict"
+        );
+        // Without `policy`, the key's default is `moderation.policy`.
+        let floor = KeyBinding {
+            policy: None,
+            allowed: vec!["strict".into()],
+        };
+        assert_eq!(
+            set.select_for(Some(&floor), None).expect("default").name,
+            "default"
+        );
     }
 
     #[test]

@@ -7,7 +7,7 @@
 
 use http::header;
 
-use crate::config::ClientKeys;
+use crate::config::{ClientKeys, KeyGrant, KeyRefusal};
 use crate::error::GatewayError;
 
 /// The token of an `Authorization: Bearer <token>` header (the scheme is
@@ -19,19 +19,29 @@ pub fn bearer_token(headers: &http::HeaderMap) -> Option<&str> {
     (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
 }
 
-/// With `server.client_keys` set, `/v1/*` needs one of those keys as
-/// `Authorization: Bearer <key>`; without, every client is let through.
-pub fn check_client_key(keys: &ClientKeys, headers: &http::HeaderMap) -> Result<(), GatewayError> {
+/// With `server.client_keys` set, `/v1/*` needs one of those keys, not
+/// expired, as `Authorization: Bearer <key>`, and gets what it grants
+/// (tenant, policy binding); without, every client is let through
+/// (`Ok(None)`).
+pub fn check_client_key(
+    keys: &ClientKeys,
+    headers: &http::HeaderMap,
+) -> Result<Option<KeyGrant>, GatewayError> {
     if !keys.is_enabled() {
-        return Ok(());
+        return Ok(None);
     }
-    match bearer_token(headers) {
-        None => Err(GatewayError::Unauthorized(
+    let Some(k) = bearer_token(headers) else {
+        return Err(GatewayError::Unauthorized(
             "missing `Authorization: Bearer <key>` header: this gateway needs a client key (ask its operator; server.client_keys)",
-        )),
-        Some(k) if keys.accepts(k) => Ok(()),
-        Some(_) => Err(GatewayError::Unauthorized(
+        ));
+    };
+    match keys.grant(k, std::time::SystemTime::now()) {
+        Ok(g) => Ok(Some(g.clone())),
+        Err(KeyRefusal::Unknown) => Err(GatewayError::Unauthorized(
             "the client key is not accepted by this gateway (server.client_keys)",
+        )),
+        Err(KeyRefusal::Expired) => Err(GatewayError::Unauthorized(
+            "the client key has expired: ask the gateway's operator for a new one (server.client_keys: expires)",
         )),
     }
 }

@@ -18,16 +18,22 @@ use super::body::{error_response, full, json_response, sse_response, Body, Deadl
 use super::upstream::{forward_headers, strip_hop_by_hop, HyperChat, UpstreamClient};
 use super::AppState;
 use crate::classifier::Category;
+use crate::config::KeyGrant;
 use crate::error::GatewayError;
 use crate::moderation::context::{build_context, content_text, response_text, ChatRequest};
 use crate::moderation::{complete, stream, ChatUpstream, ClientIdentity, ExchangeOutcome};
-use crate::policy::StreamMode;
+use crate::policy::{Candidate, Mode, SelectError, StreamMode};
 use crate::telemetry::{RequestProbe, RequestTelemetry, PROMETHEUS_CONTENT_TYPE};
 
 /// Response header carrying the request id on every response.
 pub const REQUEST_ID_HEADER: &str = "x-carewall-request-id";
 /// Request header choosing a policy through `moderation.header_policies`.
 pub const POLICY_HEADER: &str = "x-carewall-policy";
+/// Response headers with the verdict (non-streaming: all three; streams:
+/// the policy only, since the verdict is known at the end, on the final
+/// chunk), for clients that cannot read the body's `moderation` object.
+pub const ACTION_HEADER: &str = "x-carewall-action";
+pub const CATEGORY_HEADER: &str = "x-carewall-category";
 /// Request header naming the conversation, for the audit trail's
 /// pseudonymous conversation id (wins over the body's `user` field).
 pub const CONVERSATION_HEADER: &str = "x-carewall-conversation-id";
@@ -100,9 +106,15 @@ async fn route(
             return Ok(resp.map(|b| b.map_err(|never| match never {}).boxed_unsync()));
         }
     }
-    if path.starts_with("/v1/") {
-        super::auth::check_client_key(&state.client_keys.load(), req.headers())?;
+    let grant = if path.starts_with("/v1/") {
+        super::auth::check_client_key(&state.client_keys.load(), req.headers())?
+    } else {
+        None
+    };
+    if let Some(g) = &grant {
+        tel.set_tenant(g.tenant.clone());
     }
+    let grant = grant.as_ref();
     match (req.method(), path.as_str()) {
         (&Method::GET, "/healthz") => Ok(json_response(StatusCode::OK, &json!({"status": "ok"}))),
         (&Method::GET, "/readyz") => Ok(readyz(state)),
@@ -116,8 +128,10 @@ async fn route(
             Ok(r)
         }
         (&Method::GET, "/v1/models") => passthrough(state, req, "/models", &tel).await,
-        (&Method::POST, "/v1/chat/completions") => chat(state, req, request_id, probe).await,
-        (&Method::POST, "/v1/moderations") => moderations(state, req, request_id, &tel).await,
+        (&Method::POST, "/v1/chat/completions") => chat(state, req, request_id, grant, probe).await,
+        (&Method::POST, "/v1/moderations") => {
+            moderations(state, req, request_id, grant, &tel).await
+        }
         (_, "/healthz" | "/readyz" | "/v1/models" | "/v1/chat/completions" | "/v1/moderations") => {
             Err(GatewayError::MethodNotAllowed {
                 method: req.method().to_string(),
@@ -220,9 +234,40 @@ fn policy_header(req: &Request<Incoming>) -> Result<Option<String>, GatewayError
     }
 }
 
-/// The client's key fingerprint and the conversation header. The key is
-/// hashed here so that only its fingerprint travels further.
-fn client_identity(headers: &http::HeaderMap) -> ClientIdentity {
+/// The policy for a request: its client key's binding and the
+/// `x-carewall-policy` header (see [`crate::policy::PolicySet::select_for`]).
+fn select_policy(
+    state: &AppState,
+    grant: Option<&KeyGrant>,
+    header: Option<&str>,
+) -> Result<crate::policy::PolicyRef, GatewayError> {
+    let binding = grant.and_then(|g| g.binding.as_deref());
+    state
+        .policies
+        .load()
+        .select_for(binding, header)
+        .map_err(|e| match e {
+            SelectError::NotAllowed { value, allowed } => {
+                GatewayError::PolicyNotAllowed { value, allowed }
+            }
+            SelectError::Unknown(u) => GatewayError::bad_request(
+                format!(
+                    "{POLICY_HEADER}: `{}` is not a policy this gateway offers; known: {}",
+                    u.value,
+                    if u.known.is_empty() {
+                        "none (remove the header)".to_string()
+                    } else {
+                        u.known.join(", ")
+                    }
+                ),
+                None,
+            ),
+        })
+}
+
+/// The client's key fingerprint, tenant name and the conversation header.
+/// The key is hashed here so that only its fingerprint travels further.
+fn client_identity(headers: &http::HeaderMap, grant: Option<&KeyGrant>) -> ClientIdentity {
     use sha2::{Digest, Sha256};
     let key_id = super::auth::bearer_token(headers).map(|k| {
         let digest = Sha256::digest(k.as_bytes());
@@ -237,6 +282,7 @@ fn client_identity(headers: &http::HeaderMap) -> ClientIdentity {
         .map(str::to_string);
     ClientIdentity {
         key_id,
+        tenant: grant.and_then(|g| g.name.clone()),
         conversation,
     }
 }
@@ -317,6 +363,7 @@ async fn chat(
     state: &Arc<AppState>,
     req: Request<Incoming>,
     request_id: &str,
+    grant: Option<&KeyGrant>,
     probe: &mut Option<RequestProbe>,
 ) -> Result<Response<Body>, GatewayError> {
     let tel = probe.clone().unwrap_or_default();
@@ -326,7 +373,7 @@ async fn chat(
         return Err(GatewayError::NoUpstream);
     }
     let policy_header = policy_header(&req)?;
-    let client = client_identity(req.headers());
+    let client = client_identity(req.headers(), grant);
     let headers = forward_headers(req.headers());
     let bytes = read_body(req, state.config.server.max_body_bytes).await?;
     if !state.config.moderation.enabled {
@@ -345,24 +392,7 @@ async fn chat(
     }
     // One snapshot for the whole request: a SIGHUP reload mid-stream does
     // not change this request's policy.
-    let policy = state
-        .policies
-        .load()
-        .select(policy_header.as_deref())
-        .map_err(|u| {
-            GatewayError::bad_request(
-                format!(
-                    "{POLICY_HEADER}: `{}` is not a policy this gateway offers; known: {}",
-                    u.value,
-                    if u.known.is_empty() {
-                        "none (remove the header)".to_string()
-                    } else {
-                        u.known.join(", ")
-                    }
-                ),
-                None,
-            )
-        })?;
+    let policy = select_policy(state, grant, policy_header.as_deref())?;
     let mut request = ChatRequest::parse(&bytes)?;
     request.client = client;
     tel.set_request(request.model.as_deref().unwrap_or(""), request.stream);
@@ -378,6 +408,7 @@ async fn chat(
     if request.stream {
         let first = upstream.open_stream(request.body.clone()).await?;
         let provider_headers = upstream.take_response_headers();
+        let policy_name = policy.name.clone();
         let job = stream::StreamJob {
             moderator: state.moderator.clone(),
             upstream,
@@ -416,6 +447,7 @@ async fn chat(
         );
         let mut resp = sse_response(rx);
         resp.headers_mut().extend(provider_headers);
+        set_header(&mut resp, POLICY_HEADER, &policy_name);
         Ok(resp)
     } else {
         let first = match tokio::time::timeout_at(deadline, upstream.complete(request.body.clone()))
@@ -444,12 +476,23 @@ async fn chat(
             upstream_first_byte: Some(first_byte),
             probe: tel.clone(),
         };
-        let (body, _verdict) = complete::run(job, first).await;
+        let (body, verdict) = complete::run(job, first).await;
         // The whole body goes out at once: its first token is now.
         tel.client_first_token();
         let mut resp = json_response(StatusCode::OK, &body);
         resp.headers_mut().extend(provider_headers);
+        set_header(&mut resp, ACTION_HEADER, verdict.action.key());
+        set_header(&mut resp, CATEGORY_HEADER, verdict.category_label());
+        set_header(&mut resp, POLICY_HEADER, &verdict.policy);
         Ok(resp)
+    }
+}
+
+/// A verdict header (values are policy names and enum keys, always valid
+/// header text; anything else is skipped rather than failing the response).
+fn set_header(resp: &mut Response<Body>, name: &'static str, value: &str) {
+    if let Ok(v) = HeaderValue::from_str(value) {
+        resp.headers_mut().insert(name, v);
     }
 }
 
@@ -458,6 +501,7 @@ async fn moderations(
     state: &AppState,
     req: Request<Incoming>,
     request_id: &str,
+    grant: Option<&KeyGrant>,
     probe: &RequestProbe,
 ) -> Result<Response<Body>, GatewayError> {
     let policy_header = policy_header(&req)?;
@@ -465,28 +509,28 @@ async fn moderations(
     let body: Value = serde_json::from_slice(&bytes).map_err(|e| {
         GatewayError::bad_request(format!("request body is not valid JSON: {e}"), None)
     })?;
-    let policy = state
-        .policies
-        .load()
-        .select(policy_header.as_deref())
-        .map_err(|u| {
-            GatewayError::bad_request(
-                format!("{POLICY_HEADER}: `{}` is not a known policy", u.value),
-                None,
-            )
-        })?;
+    let policy = select_policy(state, grant, policy_header.as_deref())?;
 
     let (context, inputs) = moderation_inputs(&body)?;
     let mut results = Vec::with_capacity(inputs.len());
     for input in inputs {
+        let guard_hits;
         let response = if input.starts_with("[supporter]") {
             input
         } else {
             response_text(&input)
         };
         let span = probe.classification("moderations");
+        let reply = response.strip_prefix("[supporter]").unwrap_or(&response);
         let classified = match state.moderator.classify(&context, &response).await {
-            Ok(c) => c,
+            Ok(mut c) => {
+                let hits = policy.guards.apply(reply, &mut c.scores);
+                for h in &hits {
+                    probe.guard_hit(&h.id, h.category);
+                }
+                guard_hits = hits;
+                c
+            }
             Err((e, _)) => {
                 if let Some(span) = span {
                     span.failed(crate::moderation::error_kind(&e));
@@ -494,7 +538,18 @@ async fn moderations(
                 return Err(GatewayError::ClassifierUnavailable(e.to_string()));
             }
         };
-        let decision = policy.decide(&classified.scores);
+        let mut decision = policy.decide(&classified.scores);
+        // Shadow guards record what would have happened, as shadow rules do.
+        for h in guard_hits.iter().filter(|h| h.mode == Mode::Shadow) {
+            if let Some(rule) = policy.rules.get(&h.category) {
+                decision.shadow.push(Candidate {
+                    category: h.category,
+                    score: 1.0,
+                    action: rule.action,
+                    mode: Mode::Shadow,
+                });
+            }
+        }
         if let Some(span) = span {
             span.done(decision.top, classified.scores.get(decision.top));
         }
@@ -532,6 +587,9 @@ async fn moderations(
             "categories": categories,
             "category_scores": scores,
             "category_applied_input_types": applied,
+            "guards": guard_hits.iter().map(|h| json!({
+                "id": &*h.id, "category": h.category.key(), "mode": h.mode,
+            })).collect::<Vec<_>>(),
         }));
     }
     Ok(json_response(

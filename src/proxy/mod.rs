@@ -81,27 +81,57 @@ impl AppState {
         }))
     }
 
-    /// Re-read the policies folder and swap the new set in if it is valid;
-    /// otherwise keep the current one and return why.
+    /// Re-read the policies folder (guard lists included) and swap the new
+    /// set in if it is valid and every policy a client key names is in it;
+    /// otherwise keep the current one and return why. The keys checked are
+    /// those a following [`AppState::reload_client_keys`] would load (when
+    /// that file is valid), so renaming a policy in both at once works.
     pub fn reload_policies(&self) -> Result<Vec<String>, ConfigError> {
         let set = PolicySet::load(&self.config.moderation)?;
+        let fresh = self.fresh_client_keys();
+        let keys = match &fresh {
+            Some(Ok(k)) => k,
+            _ => &**self.client_keys.load(),
+        };
+        let problems = keys.check_policies(&set);
+        if !problems.is_empty() {
+            return Err(ConfigError(problems));
+        }
         let names = set.names();
         self.policies.store(Arc::new(set));
         Ok(names)
     }
 
     /// Re-read `server.client_keys_file` and swap the new keys in if they
-    /// are all valid; otherwise keep the current ones and return why.
-    /// `Ok(None)` when no file is configured (nothing to reload).
+    /// are all valid and name only loaded policies; otherwise keep the
+    /// current ones and return why. `Ok(None)` when no file is configured
+    /// (nothing to reload).
     pub fn reload_client_keys(&self) -> Result<Option<usize>, ConfigError> {
-        let sources = &self.config.server.client_key_sources;
-        if sources.file.is_none() {
+        let Some(fresh) = self.fresh_client_keys() else {
             return Ok(None);
+        };
+        let keys = fresh.map_err(ConfigError)?;
+        let problems = keys.check_policies(&self.policies.load());
+        if !problems.is_empty() {
+            return Err(ConfigError(problems));
         }
-        let keys = sources.load().map_err(ConfigError)?;
         let n = keys.count();
         self.client_keys.store(Arc::new(keys));
         Ok(Some(n))
+    }
+
+    /// The client keys as the sources say now; `None` without a keys file.
+    fn fresh_client_keys(&self) -> Option<Result<crate::config::ClientKeys, Vec<String>>> {
+        let sources = &self.config.server.client_key_sources;
+        sources.file.as_ref()?;
+        Some(sources.load())
+    }
+
+    /// What an operator should fix but the gateway can run with: header
+    /// values that select a weaker policy than the default, keys allowed a
+    /// policy weaker than their own, expired keys.
+    pub fn policy_warnings(&self) -> Vec<String> {
+        crate::config::policy_warnings(&self.policies.load(), &self.client_keys.load())
     }
 
     /// Ready to serve chat: upstream configured and, when moderation is on,

@@ -75,6 +75,7 @@ struct Inner {
     added_ttft: Histogram<f64>,
     audit_dropped: Counter<u64>,
     unknown_fields: Counter<u64>,
+    guard_hits: Counter<u64>,
     queues: Arc<QueueDepths>,
 }
 
@@ -218,6 +219,12 @@ impl Metrics {
                     "Unknown delta fields and stray choices in upstream streams, by what the policy did with them (drop, pass)",
                 )
                 .build(),
+            guard_hits: meter
+                .u64_counter("carewall.guard.hits")
+                .with_description(
+                    "Responses in which a policy guard matched, by guard id (from the policy files) and category",
+                )
+                .build(),
             queues,
             provider,
             registry,
@@ -227,15 +234,46 @@ impl Metrics {
         }
     }
 
+    /// One answered request without a tenant (`tenant="none"`); see
+    /// [`Metrics::record_tenant_request`].
+    pub fn record_request(&self, route: &'static str, status: u16) {
+        self.record_tenant_request(route, status, None);
+    }
+
     /// One answered request. `route` is the matched route, never the raw
     /// path (`/v1/chat/completions`, `/v1/models`, `/v1/moderations`,
-    /// `/admin`, `other`).
-    pub fn record_request(&self, route: &'static str, status: u16) {
+    /// `/admin`, `other`). `tenant` is the client key's `name` (bounded:
+    /// names come from the key configuration), `unnamed` for a key without
+    /// one, `none` when no key was checked.
+    pub fn record_tenant_request(
+        &self,
+        route: &'static str,
+        status: u16,
+        tenant: Option<Arc<str>>,
+    ) {
+        let tenant = match tenant {
+            Some(t) => opentelemetry::Value::from(opentelemetry::StringValue::from(t)),
+            None => opentelemetry::Value::from("none"),
+        };
         self.inner.requests.add(
             1,
             &[
                 KeyValue::new("route", route),
                 KeyValue::new("status", i64::from(status)),
+                KeyValue::new("tenant", tenant),
+            ],
+        );
+    }
+
+    /// A guard matched a response (once per guard and response). `guard`
+    /// is the guard's id from the policy file: cloning the `Arc` allocates
+    /// nothing and the ids are bounded by configuration.
+    pub fn record_guard_hit(&self, guard: Arc<str>, category: crate::classifier::Category) {
+        self.inner.guard_hits.add(
+            1,
+            &[
+                KeyValue::new("guard", opentelemetry::StringValue::from(guard)),
+                KeyValue::new("category", category.key()),
             ],
         );
     }

@@ -279,6 +279,10 @@ pub struct AccessLog<'a> {
     pub trace_id: Option<&'a str>,
     /// Low-cardinality error kind, as in [`spans::record_error`].
     pub error: Option<&'static str>,
+    /// The client key's tenant name (never the key).
+    pub tenant: Option<&'a str>,
+    /// Ids of the policy guards that matched, comma-separated.
+    pub guards: Option<&'a str>,
 }
 
 /// Write the request's access-log line (target `carewall::access`, level
@@ -303,6 +307,8 @@ pub fn log_access(entry: &AccessLog<'_>) {
         added_ttft_ms = entry.added_ttft.map(ms),
         trace_id = entry.trace_id,
         error = entry.error,
+        tenant = entry.tenant,
+        guards = entry.guards,
         "access"
     );
 }

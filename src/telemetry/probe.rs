@@ -128,6 +128,16 @@ impl RequestProbe {
         self.with_request(|r| r.set_verdict(category, action, mode, policy));
     }
 
+    /// See [`RequestTelemetry::set_tenant`].
+    pub fn set_tenant(&self, tenant: Arc<str>) {
+        self.with_request(|r| r.set_tenant(tenant));
+    }
+
+    /// See [`RequestTelemetry::guard_hit`].
+    pub fn guard_hit(&self, guard: &Arc<str>, category: Category) {
+        self.with_request(|r| r.guard_hit(guard, category));
+    }
+
     /// Usage reported by the provider, on the request and upstream spans.
     pub fn set_usage(&self, input_tokens: u64, output_tokens: u64) {
         self.with(|i| {

@@ -8,6 +8,7 @@
 //! [`Metrics`]; the proxy can use those directly instead where that fits
 //! better, but then it must keep the same "once per request" rules.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use http::HeaderMap;
@@ -37,6 +38,10 @@ pub struct RequestTelemetry {
     policy: Option<String>,
     error: Option<&'static str>,
     classifications: u32,
+    /// The client key's tenant (its `name`, or `unnamed`).
+    tenant: Option<Arc<str>>,
+    /// Guards that matched the response, each once.
+    guards: Vec<Arc<str>>,
     finished: bool,
 }
 
@@ -75,6 +80,8 @@ impl RequestTelemetry {
             policy: None,
             error: None,
             classifications: 0,
+            tenant: None,
+            guards: Vec::new(),
             finished: false,
         }
     }
@@ -188,6 +195,33 @@ impl RequestTelemetry {
         self.metrics.record_unknown_fields(action, n);
     }
 
+    /// The tenant of the request's client key (its `name`, `unnamed` for
+    /// a key without one; never the key): on the request span, the access
+    /// log and the `tenant` label of `carewall_requests_total`.
+    pub fn set_tenant(&mut self, tenant: Arc<str>) {
+        spans::record_tenant(&self.span, &tenant);
+        self.tenant = Some(tenant);
+    }
+
+    /// A policy guard matched the response (call once per guard): counted
+    /// in `carewall_guard_hits_total{guard,category}` and listed in the
+    /// request span's `carewall.guards` and the access log.
+    pub fn guard_hit(&mut self, guard: &Arc<str>, category: Category) {
+        self.metrics.record_guard_hit(guard.clone(), category);
+        if !self.guards.contains(guard) {
+            self.guards.push(guard.clone());
+        }
+        spans::record_guards(&self.span, &self.guards_label());
+    }
+
+    fn guards_label(&self) -> String {
+        self.guards
+            .iter()
+            .map(|g| &**g)
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
     /// Token usage reported by the provider.
     pub fn set_usage(&self, input_tokens: u64, output_tokens: u64) {
         spans::record_usage(&self.span, input_tokens, output_tokens);
@@ -219,7 +253,8 @@ impl RequestTelemetry {
         }
         self.finished = true;
         spans::record_status(&self.span, status);
-        self.metrics.record_request(self.route, status);
+        self.metrics
+            .record_tenant_request(self.route, status, self.tenant.clone());
         if let Some(v) = self.verdict {
             self.metrics.record_response(v.category, v.action, v.mode);
         }
@@ -239,6 +274,7 @@ impl RequestTelemetry {
             _ => None,
         };
         let trace_id = spans::trace_id(&self.span);
+        let guards = (!self.guards.is_empty()).then(|| self.guards_label());
         let _entered = self.span.enter();
         log_access(&AccessLog {
             request_id: &self.request_id,
@@ -257,6 +293,8 @@ impl RequestTelemetry {
             added_ttft: added,
             trace_id: trace_id.as_deref(),
             error: self.error,
+            tenant: self.tenant.as_deref(),
+            guards: guards.as_deref(),
         });
     }
 }

@@ -54,6 +54,8 @@ pub mod attr {
     pub const SCORE: &str = "carewall.score";
     pub const CLASSIFY_STAGE: &str = "carewall.classify.stage";
     pub const CLASSIFY_INDEX: &str = "carewall.classify.index";
+    pub const GUARDS: &str = "carewall.guards";
+    pub const TENANT: &str = "carewall.tenant";
 }
 
 /// The span of one client request. Opens as a child of the caller's trace
@@ -86,6 +88,8 @@ pub fn request_span(
         carewall.action = Empty,
         carewall.mode = Empty,
         carewall.policy = Empty,
+        carewall.guards = Empty,
+        carewall.tenant = Empty,
         error.type = Empty,
     );
     let parent = extract_context(headers);
@@ -161,6 +165,17 @@ pub fn record_verdict(
     span.record(attr::ACTION, action);
     span.record(attr::MODE, mode);
     span.record(attr::POLICY, policy);
+}
+
+/// The guards that matched the response so far (ids from the policy
+/// file, comma-separated), on the request span.
+pub fn record_guards(span: &Span, ids: &str) {
+    span.record(attr::GUARDS, ids);
+}
+
+/// The client key's tenant name (never the key), on the request span.
+pub fn record_tenant(span: &Span, tenant: &str) {
+    span.record(attr::TENANT, tenant);
 }
 
 /// Put a classification's top category and its probability on a classify

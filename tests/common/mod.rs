@@ -353,10 +353,16 @@ pub fn repo_path(rel: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
 }
 
-/// Write the shipped policies plus an `observe` variant of the default into
-/// `dir`.
+/// Write the shipped policies (with their guard lists, `guards/`) plus an
+/// `observe` and a `buffer` variant of the default into `dir`.
 pub fn write_policies(dir: &Path) {
-    std::fs::create_dir_all(dir).expect("policies dir");
+    std::fs::create_dir_all(dir.join("guards")).expect("policies dir");
+    for e in std::fs::read_dir(repo_path("policies/guards")).expect("policies/guards") {
+        let path = e.expect("guard list").path();
+        if let Some(name) = path.file_name() {
+            std::fs::copy(&path, dir.join("guards").join(name)).expect("copy guard list");
+        }
+    }
     let default =
         std::fs::read_to_string(repo_path("policies/default.toml")).expect("default policy");
     std::fs::write(dir.join("default.toml"), &default).expect("write");
