@@ -105,7 +105,15 @@ def batches(rows, labels, bs, rng):
 def train_one(args, rows, labels, aux_rows, aux_labels, vocab_size, device, seed) -> Classifier:
     torch.manual_seed(seed)
     rng = random.Random(seed)
-    model = build_model(args, vocab_size).to(device)
+    model = build_model(args, vocab_size)
+    if getattr(args, "init_weights", None):
+        saved = torch.load(args.init_weights, map_location="cpu")
+        missing, unexpected = model.load_state_dict(saved["state_dict"], strict=False)
+        if set(missing) != {"enc.word.weight", "enc.pos.weight"} or unexpected:
+            raise SystemExit(f"{args.init_weights}: weights do not match (missing {missing}, unexpected {unexpected})")
+        model.head.inv_temperature.fill_(1.0)
+        log(f"  continuing from {args.init_weights}")
+    model = model.to(device)
     enc_params = [p for n, p in model.enc.named_parameters() if p.requires_grad]
     lex_params = list(model.head.lex.parameters())
     head_params = [p for n, p in model.head.named_parameters() if not n.startswith("lex.")]
@@ -293,6 +301,8 @@ def main():
     ap.add_argument("--corpus", type=Path, default=CORPUS,
                     help="team-built labelled corpus (training/data/corpus): training only, never evaluated on")
     ap.add_argument("--no-corpus", action="store_true", help="train without the team corpus (model v1 recipe)")
+    ap.add_argument("--init-weights", type=Path, default=None,
+                    help="start training from saved weights (results/.../final_model.pt) instead of the base encoder")
     ap.add_argument("--gold-repeat", type=int, default=1,
                     help="times each gold pair appears in the final training set (the team corpus outnumbers it)")
     ap.add_argument("--short-views", action="store_true",
