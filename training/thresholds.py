@@ -8,9 +8,12 @@ odd hash). Thresholds are chosen on the calibration half only; the figures that 
 card are then measured on the other half (`--half report`, with `evaluate.py`-style policy figures),
 so the reported numbers are not tuned on the pairs they are reported on.
 
-Rule per unsafe category c: the lowest threshold on a 0.05 grid (0.15..0.95) at which at most
-`budget` of the Safe pairs have P(c) >= t (so the seven categories together flag at most
-~7 x budget of safe replies), reported with the recall of pairs labelled c at that threshold.
+Rule (`--mode joint`, default): start every unsafe category at 0.95 and repeatedly lower by one
+0.05 step the threshold that buys the most unsafe recall (a reply counts as caught when any
+category crosses its threshold) per unit of Safe-reply flag rate, while the total share of Safe
+replies flagged stays within `--target` (and no threshold goes below 0.15).
+`--mode per-category`: the lowest threshold at which at most `budget` of the Safe pairs have
+P(c) >= t, independently per category.
 """
 from __future__ import annotations
 
@@ -41,6 +44,9 @@ def main():
     ap.add_argument("--half", choices=["calibrate", "report", "all"], default="calibrate")
     ap.add_argument("--budget", type=float, default=0.012, help="share of Safe pairs one category may flag")
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--mode", choices=["joint", "per-category"], default="joint")
+    ap.add_argument("--target", type=float, default=0.08, help="joint: total Safe flag rate allowed")
+    ap.add_argument("--floor", type=float, default=0.15)
     args = ap.parse_args()
     rows = [json.loads(l) for l in open(args.data, encoding="utf-8") if l.strip()]
     if args.half != "all":
@@ -52,6 +58,43 @@ def main():
     safe = y == SAFE
     grid = np.round(np.arange(0.15, 0.951, 0.05), 2)
     out = {"data": str(args.data), "half": args.half, "n": len(rows), "budget": args.budget, "categories": {}}
+    if args.mode == "joint":
+        th = np.full(7, 0.95)
+
+        def rates(t):
+            flag = (probs[:, :7] >= t).any(1)
+            return float(flag[~safe].mean()), float(flag[safe].mean())
+        rec, fl = rates(th)
+        while True:
+            best, best_gain = None, 0.0
+            for k in range(7):
+                for t in grid[grid < th[k] - 1e-9]:
+                    if t < args.floor - 1e-9:
+                        continue
+                    t2 = th.copy()
+                    t2[k] = float(t)
+                    r2, f2 = rates(t2)
+                    if f2 > args.target + 1e-9:
+                        continue
+                    gain = (r2 - rec) / max(f2 - fl, 1e-3)
+                    if r2 > rec and gain > best_gain:
+                        best, best_gain = (k, t2, r2, f2), gain
+            if best is None:
+                break
+            _, th, rec, fl = best
+        out["mode"] = "joint"
+        out["target"] = args.target
+        out["unsafe_recall"], out["safe_flag_rate"] = rec, fl
+        for k in range(7):
+            own = y == k
+            out["categories"][LABELS[k]] = {
+                "threshold": float(th[k]), "n": int(own.sum()),
+                "caught_any_category": float((probs[own, :7] >= th).any(1).mean()) if own.any() else None,
+                "safe_flag_rate_own": float((probs[safe, k] >= th[k]).mean())}
+        print(json.dumps(out, indent=1))
+        if args.out:
+            args.out.write_text(json.dumps(out, indent=1) + "\n", encoding="utf-8")
+        return
     for k in range(7):
         best = None
         for t in grid:

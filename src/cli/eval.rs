@@ -36,6 +36,14 @@ pub struct EvalArgs {
     /// through at its thresholds.
     #[arg(long)]
     pub policy: Option<PathBuf>,
+    /// `whole` (default): each reply judged in one go (buffer mode and
+    /// non-streaming); `window`: judged as window mode streams it, segment
+    /// by segment with its overlap, scores merged (`moderation::stream`).
+    #[arg(long, default_value = "whole", value_parser = ["whole", "window"])]
+    pub streaming: String,
+    /// Window mode's `max_hold_chars` for `--streaming window`.
+    #[arg(long, default_value_t = 160)]
+    pub max_hold_chars: usize,
     #[command(flatten)]
     pub model: ModelArgs,
 }
@@ -156,7 +164,14 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         let mut results = futures::stream::iter(examples.iter())
             .map(|ex| {
                 let c = Arc::clone(&classifier);
-                async move { (ex, c.classify(ex.pair.clone()).await) }
+                let window = args.streaming == "window";
+                let max_hold = args.max_hold_chars;
+                async move {
+                    if !window {
+                        return (ex, c.classify(ex.pair.clone()).await);
+                    }
+                    (ex, judge_as_window(&*c, &ex.pair, max_hold).await)
+                }
             })
             .buffered(in_flight);
         let mut out = Vec::with_capacity(examples.len());
@@ -195,6 +210,37 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Scores of a reply as window mode would judge it: every check's text
+/// classified with the context, Nonsense/Neglect only from checks that
+/// start at the reply's beginning, merged like the engine's tally.
+async fn judge_as_window(
+    c: &dyn Classifier,
+    pair: &Pair,
+    max_hold: usize,
+) -> Result<Scores, crate::classifier::ClassifyError> {
+    let reply = pair
+        .response
+        .strip_prefix("[supporter]")
+        .unwrap_or(&pair.response);
+    let mut merged: Option<Scores> = None;
+    for (text, whole) in crate::moderation::stream::window_checks(reply, max_hold) {
+        let mut s = c
+            .classify(Pair {
+                context: pair.context.clone(),
+                response: format!("[supporter]{text}"),
+            })
+            .await?;
+        if !whole {
+            crate::moderation::stream::opening_only(&mut s);
+        }
+        match &mut merged {
+            Some(m) => crate::classifier::coverage::merge(m, &s),
+            None => merged = Some(s),
+        }
+    }
+    Ok(merged.unwrap_or(Scores([0.0; 8])))
 }
 
 /// How many examples are among the model's training pairs, by the hash

@@ -115,6 +115,33 @@ pub fn min_segment(checks: u32) -> usize {
 /// than this are judged whole at every step, exactly as in buffer mode.
 pub const OVERLAP_CHARS: usize = 200;
 
+/// The texts window mode judges for a reply streamed in small pieces, in order:
+/// each segment with its overlap, and whether that text starts at the
+/// reply's beginning (the engine's cut and overlap rules, without the
+/// stream). Used by `carewall eval --streaming window` to compare window
+/// and buffer mode on the same replies.
+pub fn window_checks(reply: &str, max_hold: usize) -> Vec<(String, bool)> {
+    let mut out = Vec::new();
+    let mut released = String::new();
+    let mut pending = String::new();
+    // The reply arrives in pieces of a few characters, as providers stream.
+    let chars: Vec<char> = reply.chars().collect();
+    for piece in chars.chunks(8) {
+        pending.extend(piece);
+        while let Some(cut) = ready_cut(&pending, max_hold, min_segment(out.len() as u32)) {
+            let segment: String = pending.drain(..cut).collect();
+            let (overlap, whole) = overlap_tail(&released);
+            out.push((format!("{overlap}{segment}"), whole));
+            released.push_str(&segment);
+        }
+    }
+    if !pending.is_empty() || out.is_empty() {
+        let (overlap, whole) = overlap_tail(&released);
+        out.push((format!("{overlap}{pending}"), whole));
+    }
+    out
+}
+
 /// The text judged in front of a new segment: the last [`OVERLAP_CHARS`]
 /// characters of `released`, starting after a sentence boundary when one
 /// falls inside them. Returns the text and whether it is all of `released`
@@ -886,7 +913,7 @@ impl Run<'_> {
 /// A window-mode check of text that does not start at the reply's
 /// beginning: drop Nonsense and Linguistic Neglect (properties of how the
 /// whole reply answers the seeker, judged on its opening).
-fn opening_only(scores: &mut crate::classifier::Scores) {
+pub fn opening_only(scores: &mut crate::classifier::Scores) {
     for c in [Category::Nonsense, Category::LinguisticNeglect] {
         scores.0[c.id()] = 0.0;
     }

@@ -1008,3 +1008,38 @@ async fn observe_and_shadow_guards_only_record() {
     assert_eq!(v["shadow"][0]["action"], "block");
     assert_eq!(v["guards"][0]["mode"], "shadow");
 }
+
+#[test]
+fn window_checks_cover_the_reply_with_overlap() {
+    let reply: String = (0..60).map(|i| format!("Sentence {i} is here. ")).collect();
+    let checks = window_checks(&reply, 160);
+    assert!(
+        checks[0].1,
+        "the first check starts at the reply's beginning"
+    );
+    // Once more than OVERLAP_CHARS were released, checks no longer start at the beginning.
+    assert!(checks.iter().skip(12).all(|(_, whole)| !whole));
+    // Every character is in some check, in order.
+    let mut covered = String::new();
+    for (text, _) in &checks {
+        let overlap = text.len().min(covered.len());
+        let (head, _) = text.split_at(
+            (0..=overlap)
+                .rev()
+                .find(|&k| covered.ends_with(&text[..k]) && text.is_char_boundary(k))
+                .unwrap_or(0),
+        );
+        covered.push_str(&text[head.len()..]);
+    }
+    assert_eq!(covered, reply);
+    // Linear: checks grow with the reply, each bounded by overlap + segment.
+    assert!(checks
+        .iter()
+        .all(|(t, _)| t.chars().count() <= OVERLAP_CHARS + 200));
+    assert!(
+        checks.len() < 60,
+        "{} checks for 60 sentences",
+        checks.len()
+    );
+    assert_eq!(window_checks("", 160).len(), 1);
+}
