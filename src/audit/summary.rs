@@ -263,6 +263,7 @@ mod tests {
                 reviewer: "x".into(),
                 time_ms: 0,
             }),
+            history: Vec::new(),
         }
     }
 

@@ -71,6 +71,16 @@ pub enum Action {
 }
 
 impl Action {
+    /// Every action, least severe first.
+    pub const ALL: [Action; 6] = [
+        Action::Allow,
+        Action::Annotate,
+        Action::Append,
+        Action::Retry,
+        Action::Replace,
+        Action::Block,
+    ];
+
     pub fn parse(s: &str) -> Option<Action> {
         match s {
             "allow" => Some(Action::Allow),
