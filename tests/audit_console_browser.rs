@@ -855,8 +855,8 @@ async fn console_dates_are_days_in_the_reviewers_zone_and_layouts_fit() {
 
     d.set_window(768, 1024).await;
     let g = d
-        .wait_for("the 768 px layout", &format!("{geometry}"), |g| {
-            g["viewport"]["w"].as_u64().is_some_and(|w| w <= 800)
+        .wait_for("the 768 px layout", geometry, |g| {
+            g["viewport"]["w"].as_u64() == Some(768)
         })
         .await;
     eprintln!("768: {g}");
