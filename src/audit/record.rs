@@ -55,7 +55,7 @@ pub struct AuditRecord {
     /// Threshold of that category's rule when the decision was made.
     pub threshold: Option<f32>,
     /// Policy action taken or, in shadow mode, that would have been taken:
-    /// `allow`, `flag`, `block`, `replace`, ...
+    /// one of [`actions`] (`allow`, `annotate`, ..., `unclassified`).
     pub action: String,
     /// True when the policy ran in shadow mode (the action was not enforced).
     pub shadow: bool,

@@ -300,7 +300,7 @@ mod tests {
             },
             GroupCount {
                 category: Nonsense,
-                action: "flag".into(),
+                action: "annotate".into(),
                 shadow: true,
                 total: 3,
                 reviewed: 0,
