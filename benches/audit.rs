@@ -32,7 +32,7 @@ fn sample(i: usize) -> AuditRecord {
         scores: Scores([0.01, 0.02, 0.6, 0.05, 0.02, 0.1, 0.1, 0.1]),
         category: Category::LinguisticNeglect,
         threshold: Some(0.5),
-        action: "flag".into(),
+        action: "annotate".into(),
         shadow: false,
         latency: Latency::default(),
         context,

@@ -714,21 +714,43 @@ impl Config {
     /// problem of both at once (policies are checked even when other
     /// sections have errors).
     pub fn load_all(src: &Sources) -> Result<(Config, crate::policy::PolicySet), ConfigError> {
+        let Checked {
+            config,
+            policies,
+            errors,
+        } = Config::check(src)?;
+        match policies {
+            Some(p) if errors.is_empty() => Ok((config, p)),
+            Some(_) => Err(ConfigError(errors)),
+            None if errors.is_empty() => Err(ConfigError(vec![
+                "moderation.policies_dir: the policies could not be loaded".into(),
+            ])),
+            None => Err(ConfigError(errors)),
+        }
+    }
+
+    /// The configuration and the policies it names, with every problem of
+    /// both (none invented: a policy problem about a key whose value was
+    /// already refused is left out). `Err` only when the sources cannot be
+    /// read at all.
+    pub fn check(src: &Sources) -> Result<Checked, ConfigError> {
         let (config, mut errors) = Config::build(src)?;
-        match crate::policy::PolicySet::load(&config.moderation) {
+        let policies = match crate::policy::PolicySet::load(&config.moderation) {
             Ok(p) => {
-                errors.extend(config.server.client_keys.check_policies(&p));
-                if errors.is_empty() {
-                    Ok((config, p))
-                } else {
-                    Err(ConfigError(errors))
-                }
+                let more = config.server.client_keys.check_policies(&p);
+                extend_unless_known(&mut errors, more);
+                Some(p)
             }
             Err(e) => {
-                errors.extend(e.0);
-                Err(ConfigError(errors))
+                extend_unless_known(&mut errors, e.0);
+                None
             }
-        }
+        };
+        Ok(Checked {
+            config,
+            policies,
+            errors,
+        })
     }
 
     /// The sources for a `--config` argument: the file (or
@@ -864,26 +886,44 @@ pub fn config_dir(file: Option<&Path>) -> PathBuf {
 }
 
 /// Deserialize one section, prefixing any error with `section.path`.
+///
+/// serde stops at the first problem, so each problem is reported, the key at
+/// fault dropped and the rest read again: every problem of a section is
+/// reported in one run, and its valid keys keep their values (a typo in one
+/// key must not reset `moderation.policies_dir` and so invent an error
+/// about the policies).
 fn section<T: DeserializeOwned + Default>(
     top: &mut BTreeMap<String, config::Value>,
     name: &str,
     errors: &mut Vec<String>,
 ) -> T {
-    let Some(value) = top.remove(name) else {
+    let Some(mut value) = top.remove(name) else {
         return T::default();
     };
-    match serde_path_to_error::deserialize::<_, T>(value) {
-        Ok(v) => v,
-        Err(e) => {
-            let path = e.path().to_string();
-            let inner = e.into_inner().to_string();
-            let key = if path == "." || path.is_empty() {
-                name.to_string()
-            } else {
-                format!("{name}.{path}")
-            };
-            errors.push(format!("{key}: {}", clean_serde_message(&inner)));
-            T::default()
+    loop {
+        let e = match serde_path_to_error::deserialize::<_, T>(value.clone()) {
+            Ok(v) => return v,
+            Err(e) => e,
+        };
+        let path = e.path().to_string();
+        let inner = e.into_inner().to_string();
+        let key = if path == "." || path.is_empty() {
+            name.to_string()
+        } else {
+            format!("{name}.{path}")
+        };
+        errors.push(format!("{key}: {}", clean_serde_message(&inner)));
+        let first = path
+            .split(['.', '['])
+            .next()
+            .filter(|k| !k.is_empty() && *k != "?")
+            .map(str::to_string);
+        let removed = match (&mut value.kind, first) {
+            (config::ValueKind::Table(t), Some(k)) => t.remove(&k).is_some(),
+            _ => false,
+        };
+        if !removed {
+            return T::default();
         }
     }
 }
@@ -1130,14 +1170,109 @@ fn validate_logging(raw: RawLogging, errors: &mut Vec<String>) -> LoggingConfig 
         }
     };
     let level = raw.level.unwrap_or_else(|| "info".to_string());
-    if let Err(e) = tracing_subscriber::EnvFilter::try_new(&level) {
-        errors.push(format!("logging.level: `{level}` is not a filter directive ({e}); e.g. `info` or `carewall=debug,info`"));
+    if let Err(e) = check_log_level(&level) {
+        errors.push(format!("logging.level: {e}"));
     }
     LoggingConfig {
         format,
         level,
         log_conversation_text: raw.log_conversation_text.unwrap_or(false),
     }
+}
+
+/// The levels `logging.level` accepts, alone or after `target=`.
+const LOG_LEVELS: &[&str] = &["trace", "debug", "info", "warn", "error", "off"];
+
+/// `logging.level` is a level (`info`) or comma-separated directives, each
+/// a level or `target=level` (`carewall=debug,info`). An `EnvFilter` also
+/// takes a bare word as a target name with every level, so `verbose` would
+/// pass it and silence every other log line: refuse anything else.
+fn check_log_level(level: &str) -> Result<(), String> {
+    let is_level = |l: &str| LOG_LEVELS.contains(&l.trim().to_ascii_lowercase().as_str());
+    let is_target = |t: &str| {
+        let t = t.trim();
+        !t.is_empty()
+            && t.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | ':' | '-' | '.'))
+    };
+    let hint = format!(
+        "use a level ({}) or comma-separated `target=level` directives, e.g. `info` or `carewall=debug,info`",
+        LOG_LEVELS.join(", ")
+    );
+    if level.trim().is_empty() {
+        return Err(format!("is empty; {hint}"));
+    }
+    for d in level.split(',') {
+        let d = d.trim();
+        let what = match d.split_once('=') {
+            None if is_level(d) => continue,
+            None if d == level.trim() => format!("`{d}` is not a log level"),
+            None => format!("`{d}` in `{level}` is not a level or `target=level`"),
+            Some((t, l)) if is_target(t) && is_level(l) => continue,
+            Some((t, _)) if !is_target(t) => {
+                format!(
+                    "`{d}`: the target before `=` must be a module path such as `carewall::access`"
+                )
+            }
+            Some((_, l)) => format!("`{d}`: `{}` is not a log level", l.trim()),
+        };
+        return Err(format!("{what}; {hint}"));
+    }
+    Ok(())
+}
+
+/// What an operator should know before serving with `config`, though it
+/// runs (printed by `check-config`): a real upstream without a provider
+/// key, a console without a token, an audit trail without text.
+pub fn setup_warnings(config: &Config) -> Vec<String> {
+    let mut out = Vec::new();
+    if let (Some(url), None) = (&config.upstream.base_url, &config.upstream.api_key) {
+        let local = url
+            .parse::<http::Uri>()
+            .ok()
+            .and_then(|u| u.host().map(str::to_string))
+            .is_some_and(|h| {
+                let h = h.trim_start_matches('[').trim_end_matches(']');
+                h == "localhost"
+                    || h.parse::<std::net::IpAddr>()
+                        .is_ok_and(|ip| ip.is_loopback())
+            });
+        if !local {
+            out.push(format!(
+                "upstream.api_key: not set (nor OPENAI_API_KEY) for the upstream {url}: a provider refuses requests without its key (clients get 502); set CAREWALL__UPSTREAM__API_KEY or OPENAI_API_KEY, unless this upstream needs no key"
+            ));
+        }
+    }
+    if config.audit.enabled && config.admin.token.is_none() {
+        out.push(
+            "admin.token: not set: the review console and API at /admin answer 503 (disabled); set CAREWALL__ADMIN__TOKEN (e.g. `openssl rand -hex 24`) or admin.token_file".to_string(),
+        );
+    }
+    if config.audit.enabled && config.audit.keyring.is_none() {
+        out.push(
+            "audit.encryption_key: not set: the audit trail stores no conversation text (audit.text = none), so reviewers see scores only and exports are empty; set CAREWALL__AUDIT__ENCRYPTION_KEY (e.g. `openssl rand -base64 32`) or audit.encryption_key_file".to_string(),
+        );
+    }
+    out
+}
+
+/// Add `more` to `errors`, except problems about a key that already has
+/// one: a key whose value was refused is checked further with its default,
+/// and what that default lacks is not the operator's problem.
+fn extend_unless_known(errors: &mut Vec<String>, more: Vec<String>) {
+    let key = |e: &str| e.split(": ").next().unwrap_or("").to_string();
+    let known: std::collections::BTreeSet<String> = errors.iter().map(|e| key(e)).collect();
+    errors.extend(more.into_iter().filter(|e| !known.contains(&key(e))));
+}
+
+/// Everything one `check-config` run finds.
+pub struct Checked {
+    /// The configuration, with defaults wherever a value was refused.
+    pub config: Config,
+    /// The policies, when they could be read.
+    pub policies: Option<crate::policy::PolicySet>,
+    /// Every problem, each naming its key.
+    pub errors: Vec<String>,
 }
 
 #[cfg(test)]
@@ -1549,6 +1684,141 @@ client_keys = [
         assert_eq!(c.audit.url.display_safe(), "sqlite://./x/audit.db");
         assert!(c.admin.token.is_some());
         assert_eq!(c.audit.text, crate::audit::TextMode::None);
+    }
+
+    #[test]
+    fn logging_level_accepts_levels_and_target_directives_only() {
+        for ok in [
+            "info",
+            "WARN",
+            "off",
+            "carewall=debug,info",
+            "carewall::access=warn, error",
+        ] {
+            let c = load(&format!("[logging]\nlevel = \"{ok}\"\n"), &[]);
+            assert!(c.is_ok(), "{ok}: {:?}", c.err());
+        }
+        for (bad, needle) in [
+            ("verbose", "`verbose` is not a log level"),
+            ("info,verbose", "`verbose` in `info,verbose`"),
+            (
+                "carewall=loud",
+                "`carewall=loud`: `loud` is not a log level",
+            ),
+            ("=info", "`=info`: the target"),
+            ("", "is empty"),
+        ] {
+            let errs = errors_of(&format!("[logging]\nlevel = \"{bad}\"\n"), &[]);
+            assert!(
+                errs.iter()
+                    .any(|e| e.starts_with("logging.level: ") && e.contains(needle)),
+                "{bad}: {errs:?}"
+            );
+        }
+        let errs = errors_of("", &[("CAREWALL__LOGGING__LEVEL", "verbose")]);
+        assert!(
+            errs.iter()
+                .any(|e| e.starts_with("logging.level: `verbose`")),
+            "{errs:?}"
+        );
+    }
+
+    #[test]
+    fn every_problem_of_a_section_is_reported_and_none_invented() {
+        let policies = concat!(env!("CARGO_MANIFEST_DIR"), "/policies");
+        let check = |toml: String| {
+            Config::check(&Sources {
+                file: None,
+                inline_toml: Some(toml),
+                env: Some(HashMap::new()),
+            })
+            .expect("readable")
+            .errors
+        };
+        // One unknown key in [moderation]: that key, nothing about the
+        // policies (policies_dir keeps its value).
+        let errs = check(format!(
+            "[moderation]\npolcy = \"strict\"\npolicies_dir = \"{policies}\"\n"
+        ));
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        assert!(
+            errs[0].starts_with("moderation.polcy: unknown field"),
+            "{errs:?}"
+        );
+        // Two problems in one section are both reported, with the rest.
+        let errs = check(format!(
+            "[server]\nlisen = 1\nmax_body_bytes = \"big\"\n[moderation]\nbogus = 1\npolicies_dir = \"{policies}\"\n[logging]\nlevel = \"verbose\"\n"
+        ));
+        for key in [
+            "server.lisen:",
+            "server.max_body_bytes:",
+            "moderation.bogus:",
+            "logging.level:",
+        ] {
+            assert!(errs.iter().any(|e| e.starts_with(key)), "{key}: {errs:?}");
+        }
+        assert_eq!(errs.len(), 4, "{errs:?}");
+        // A refused policies_dir or policy is reported once, not again as
+        // a missing folder or file at its default.
+        let errs = check("[moderation]\npolicies_dir = 5\n".into());
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        assert!(errs[0].starts_with("moderation.policies_dir: "), "{errs:?}");
+        let errs = check(format!(
+            "[moderation]\npolicy = \"no such\"\npolicies_dir = \"{policies}\"\n"
+        ));
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        // Policy problems come with the others in the same run.
+        let errs = check(format!(
+            "[server]\nlisten = \"x\"\n[moderation]\npolicy = \"foo\"\npolicies_dir = \"{policies}\"\n"
+        ));
+        assert!(
+            errs.iter().any(|e| e.starts_with("server.listen:")),
+            "{errs:?}"
+        );
+        assert!(
+            errs.iter()
+                .any(|e| e.starts_with("moderation.policy: no policy file")),
+            "{errs:?}"
+        );
+    }
+
+    #[test]
+    fn setup_warnings_name_a_missing_provider_key_token_and_encryption_key() {
+        let c = load(
+            "[upstream]\nbase_url = \"https://api.openai.com/v1\"\n",
+            &[],
+        )
+        .expect("valid");
+        let w = setup_warnings(&c);
+        for key in [
+            "upstream.api_key: not set",
+            "admin.token: not set",
+            "audit.encryption_key: not set",
+        ] {
+            assert!(w.iter().any(|w| w.starts_with(key)), "{key}: {w:?}");
+        }
+        assert!(w.iter().any(|w| w.contains("503")), "{w:?}");
+        assert!(
+            w.iter().any(|w| w.contains("no conversation text")),
+            "{w:?}"
+        );
+        // A local stand-in needs no key; everything set: no warnings.
+        let key = "QkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkI=";
+        let c = load(
+            "[upstream]\nbase_url = \"http://127.0.0.1:9100/v1\"\n",
+            &[
+                ("CAREWALL__ADMIN__TOKEN", "0123456789abcdef0123"),
+                ("CAREWALL__AUDIT__ENCRYPTION_KEY", key),
+            ],
+        )
+        .expect("valid");
+        assert_eq!(setup_warnings(&c), Vec::<String>::new());
+        let c = load(
+            "[upstream]\nbase_url = \"https://api.openai.com/v1\"\n[audit]\nenabled = false\n",
+            &[("OPENAI_API_KEY", "sk-test")],
+        )
+        .expect("valid");
+        assert_eq!(setup_warnings(&c), Vec::<String>::new());
     }
 
     #[test]

@@ -2,11 +2,24 @@
 //!
 //! Every error a client can see is a [`GatewayError`]; [`GatewayError::status`],
 //! [`GatewayError::kind`] and [`GatewayError::code`] are exhaustive matches, and
-//! the OpenAI-shaped body (`{"error": {"message", "type", "code"}}`) is built
-//! only in [`GatewayError::body`], so SDKs show every error properly.
+//! the OpenAI-shaped body (`{"error": {"message", "type", "code", "param"}}`)
+//! is built only by [`openai_error`] (for `/v1` in [`GatewayError::body`]),
+//! so SDKs show every error properly.
 
 use http::StatusCode;
 use serde_json::json;
+
+/// The one OpenAI-shaped error body, `{"error": {"message", "type", "code",
+/// "param"}}`, shared by `/v1` ([`GatewayError::body`]) and the admin API
+/// (`crate::admin::AdminError`), so every client reads one shape.
+pub fn openai_error(
+    message: &str,
+    kind: &str,
+    code: &str,
+    param: Option<&str>,
+) -> serde_json::Value {
+    json!({"error": {"message": message, "type": kind, "code": code, "param": param}})
+}
 
 /// Who caused an error: decides the status class and the log level.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -190,7 +203,7 @@ impl GatewayError {
             GatewayError::BadRequest { param, .. } => param.clone(),
             _ => None,
         };
-        json!({"error": {"message": message, "type": self.kind(), "code": self.code(), "param": param}})
+        openai_error(&message, self.kind(), self.code(), param.as_deref())
     }
 
     /// Log at warn for upstream and internal problems, debug for client ones.

@@ -68,6 +68,29 @@ fn error_message(v: &Value) -> String {
     v["error"]["message"].as_str().unwrap_or("").to_string()
 }
 
+/// The shape `/v1` errors have (`carewall::error::openai_error`): exactly
+/// `{"error": {"message", "type", "code", "param"}}`, strings or a null param.
+fn assert_openai_shape(v: &Value) {
+    let reference = carewall::error::openai_error("m", "t", "c", None);
+    let keys = |v: &Value| {
+        let mut k: Vec<String> = v["error"]
+            .as_object()
+            .map(|o| o.keys().cloned().collect())
+            .unwrap_or_default();
+        k.sort();
+        k
+    };
+    assert_eq!(keys(v), keys(&reference), "{v}");
+    assert_eq!(v.as_object().map(|o| o.len()), Some(1), "{v}");
+    for k in ["message", "type", "code"] {
+        assert!(v["error"][k].is_string(), "{k} in {v}");
+    }
+    assert!(
+        v["error"]["param"].is_string() || v["error"]["param"].is_null(),
+        "{v}"
+    );
+}
+
 async fn api_contract(store: Arc<dyn AuditStore>) {
     let sink = seed(store.clone()).await;
     let state =
@@ -87,7 +110,9 @@ async fn api_contract(store: Arc<dyn AuditStore>) {
         .unwrap()
         .starts_with("Bearer"));
     let body: Value = r.json().await.unwrap();
-    assert_eq!(body["error"]["type"], "unauthorized");
+    assert_openai_shape(&body);
+    assert_eq!(body["error"]["type"], "invalid_request_error");
+    assert_eq!(body["error"]["code"], "invalid_admin_token");
     for bad in ["Bearer wrong-token", "Bearer ", "Basic dGVzdDp0ZXN0", TOKEN] {
         let r = http
             .get(format!("{base}/admin/api/records"))
@@ -169,20 +194,89 @@ async fn api_contract(store: Arc<dyn AuditStore>) {
         .collect();
     assert_eq!(ids, ["req-0007", "req-0006", "req-0005"]);
 
+    // A date as `until` includes that day: From = To = one day works.
+    let (s, v) = get(
+        &base,
+        "/admin/api/records?since=2026-01-01&until=2026-01-01&limit=100",
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["items"].as_array().unwrap().len(), 24);
+    let (_, v) = get(&base, "/admin/api/records?until=2025-12-31&limit=100").await;
+    assert_eq!(v["items"].as_array().unwrap().len(), 0);
+    // Bounds in ms, as the console sends a day in the reviewer's zone
+    // (here UTC-5: 2025-12-31 local is 05:00Z to 05:00Z the next day).
+    let day = 86_400_000;
+    let (_, v) = get(
+        &base,
+        &format!(
+            "/admin/api/records?since={}&until={}&limit=100",
+            T0 - day + 5 * 3_600_000,
+            T0 + 5 * 3_600_000
+        ),
+    )
+    .await;
+    assert_eq!(v["items"].as_array().unwrap().len(), 24);
+
+    // --- the filters' values come from the API, and only those work ---
+    let (s, meta) = get(&base, "/admin/api/meta").await;
+    assert_eq!(s, 200, "{meta}");
+    assert_eq!(
+        meta["actions"],
+        serde_json::json!([
+            "allow",
+            "annotate",
+            "append",
+            "retry",
+            "replace",
+            "block",
+            "unclassified"
+        ])
+    );
+    assert_eq!(meta["categories"].as_array().unwrap().len(), 8);
+    assert_eq!(meta["categories"][4]["key"], "toxic_language");
+    for a in meta["actions"].as_array().unwrap() {
+        let (s, v) = get(
+            &base,
+            &format!("/admin/api/records?action={}", a.as_str().unwrap()),
+        )
+        .await;
+        assert_eq!(s, 200, "{a}: {v}");
+    }
+
     // --- bad filters ---
-    for (q, needle) in [
-        ("limit=-1", "`limit`"),
-        ("category=angry", "unknown category"),
-        ("shadow=perhaps", "`shadow`"),
-        ("reviewed=yes", "`reviewed`"),
-        ("since=last-week", "`since`"),
-        ("cursor=!!", "`cursor`"),
-        ("sort=asc", "unknown query parameter `sort`"),
+    for (q, needle, param) in [
+        ("limit=-1", "`limit`", Some("limit")),
+        ("category=angry", "unknown category", Some("category")),
+        (
+            "action=flag",
+            "unknown action `flag`; known: allow, annotate",
+            Some("action"),
+        ),
+        ("action=Block", "unknown action `Block`", Some("action")),
+        ("shadow=perhaps", "`shadow`", Some("shadow")),
+        ("reviewed=yes", "`reviewed`", Some("reviewed")),
+        ("since=last-week", "`since`", Some("since")),
+        (
+            "since=2026-01-02&until=2026-01-01",
+            "earlier",
+            Some("since"),
+        ),
+        (
+            "conversation_id=user-1",
+            "`conversation_id`",
+            Some("conversation_id"),
+        ),
+        ("cursor=!!", "`cursor`", Some("cursor")),
+        ("sort=asc", "unknown query parameter `sort`", None),
     ] {
         let (s, v) = get(&base, &format!("/admin/api/records?{q}")).await;
         assert_eq!(s, 400, "{q}: {v}");
         assert!(error_message(&v).contains(needle), "{q}: {v}");
-        assert_eq!(v["error"]["type"], "invalid_request");
+        assert_openai_shape(&v);
+        assert_eq!(v["error"]["type"], "invalid_request_error");
+        assert_eq!(v["error"]["code"], "invalid_request");
+        assert_eq!(v["error"]["param"].as_str(), param, "{q}: {v}");
     }
 
     // --- get one, decrypted ---
@@ -254,6 +348,86 @@ async fn api_contract(store: Arc<dyn AuditStore>) {
     let (_, v) = get(&base, "/admin/api/records?reviewed=true").await;
     assert_eq!(v["items"].as_array().unwrap().len(), 2);
 
+    // --- history and undo: a new label keeps the old one, note included ---
+    let (s, v) = post(
+        &base,
+        "/admin/api/records/req-0004/review",
+        r#"{"label": "toxic_language", "note": "worse than that", "reviewer": "counsellor-2"}"#,
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["review"]["label"], "toxic_language");
+    let h = v["history"].as_array().unwrap().clone();
+    assert_eq!(h.len(), 2, "{v}");
+    assert_eq!(
+        (
+            &h[0]["kind"],
+            &h[0]["label"],
+            &h[0]["note"],
+            &h[0]["reviewer"]
+        ),
+        (
+            &Value::from("label"),
+            &Value::from("unamiable_judgment"),
+            &Value::from("judgmental"),
+            &Value::from("counsellor-1")
+        )
+    );
+    assert!(h[0]["time"].as_str().unwrap().ends_with('Z'));
+    assert_eq!(v["review"]["id"], h[1]["id"]);
+    let (first_id, second_id) = (h[0]["id"].as_i64().unwrap(), h[1]["id"].as_i64().unwrap());
+    // Undoing a label that is no longer in force is a conflict.
+    let (s, v) = post(
+        &base,
+        "/admin/api/records/req-0004/review/undo",
+        &format!(r#"{{"reviewer": "counsellor-1", "review_id": {first_id}}}"#),
+    )
+    .await;
+    assert_eq!(s, 409, "{v}");
+    assert_openai_shape(&v);
+    assert!(error_message(&v).contains("labelled again"), "{v}");
+    let (s, v) = post(
+        &base,
+        "/admin/api/records/req-0004/review/undo",
+        &format!(r#"{{"reviewer": "counsellor-2", "review_id": {second_id}}}"#),
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(
+        v["review"]["label"], "unamiable_judgment",
+        "the first label is back"
+    );
+    assert_eq!(v["review"]["note"], "judgmental");
+    assert_eq!(v["history"].as_array().unwrap().len(), 3);
+    assert_eq!(v["history"][2]["kind"], "undo");
+    assert_eq!(v["history"][2]["undoes"], second_id);
+    assert_eq!(v["history"][2]["reviewer"], "counsellor-2");
+    for (body, status, needle) in [
+        (r#"{"reviewer": ""}"#, 400, "`reviewer`"),
+        (r#"{"review_id": 1}"#, 400, "reviewer"),
+        (r#"{"reviewer": "x", "why": 1}"#, 400, "unknown field"),
+    ] {
+        let (s, v) = post(&base, "/admin/api/records/req-0004/review/undo", body).await;
+        assert_eq!(s, status, "{body}: {v}");
+        assert!(error_message(&v).contains(needle), "{body}: {v}");
+    }
+    let (s, _) = post(
+        &base,
+        "/admin/api/records/req-0006/review/undo",
+        r#"{"reviewer": "x"}"#,
+    )
+    .await;
+    assert_eq!(s, 409, "nothing to undo");
+    let (s, _) = post(
+        &base,
+        "/admin/api/records/no-such-id/review/undo",
+        r#"{"reviewer": "x"}"#,
+    )
+    .await;
+    assert_eq!(s, 404);
+    let (s, _) = get(&base, "/admin/api/records/req-0004/review/undo").await;
+    assert_eq!(s, 405);
+
     // --- export: dev.jsonl format, reviewer's label ---
     let r = http
         .get(format!("{base}/admin/api/export"))
@@ -288,6 +462,33 @@ async fn api_contract(store: Arc<dyn AuditStore>) {
     assert_eq!(lines[1]["label"], 7);
     let (s, _) = get(&base, "/admin/api/export?format=csv").await;
     assert_eq!(s, 400);
+    // The export honours the list's filters.
+    let export_lines = |q: &'static str| {
+        let (base, http) = (base.clone(), http.clone());
+        async move {
+            let r = http
+                .get(format!("{base}/admin/api/export?{q}"))
+                .bearer_auth(TOKEN)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200, "{q}");
+            r.text().await.unwrap().lines().count()
+        }
+    };
+    assert_eq!(export_lines("category=nonsense").await, 0);
+    assert_eq!(export_lines("category=toxic_language").await, 1);
+    assert_eq!(
+        export_lines("category=humanoid_mimicry&action=block").await,
+        0
+    );
+    assert_eq!(export_lines("shadow=false").await, 2);
+    assert_eq!(export_lines("since=2026-01-01&until=2026-01-01").await, 2);
+    assert_eq!(export_lines("until=2026-01-01T00:00:05Z").await, 1);
+    let (s, v) = get(&base, "/admin/api/export?action=flag").await;
+    assert_eq!(s, 400, "{v}");
+    let (s, v) = get(&base, "/admin/api/export?reviewed=false").await;
+    assert_eq!(s, 400, "the export is reviewed records only: {v}");
 
     // --- summary ---
     let (s, v) = get(&base, "/admin/api/summary").await;
@@ -363,6 +564,8 @@ async fn admin_api_without_token_is_disabled_and_wrong_key_is_reported() {
     let (s, v) = get(&disabled, "/admin/api/records").await;
     assert_eq!(s, 503);
     assert!(error_message(&v).contains("CAREWALL__ADMIN__TOKEN"));
+    assert_openai_shape(&v);
+    assert_eq!(v["error"]["code"], "admin_disabled");
 
     // A server holding the wrong key lists records but says why the text
     // is missing instead of failing or showing garbage.

@@ -127,6 +127,40 @@ fn check_commands(url: &str) {
     assert!(stderr(&o).contains("exported 2 reviewed records"));
     let o = carewall(&["audit", "export", "--url", url], &[]);
     assert!(stderr(&o).contains("needs the encryption key"));
+    // The export takes the list's filters (req-0004 is toxic_language,
+    // req-0009 humanoid_mimicry); a date as --until includes that day.
+    let o = carewall(
+        &[
+            "audit",
+            "export",
+            "--url",
+            url,
+            "--key",
+            &key,
+            "--category",
+            "toxic_language",
+        ],
+        &[],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(stdout(&o).lines().count(), 1, "{}", stdout(&o));
+    let o = carewall(
+        &[
+            "audit",
+            "export",
+            "--url",
+            url,
+            "--key",
+            &key,
+            "--since",
+            "2026-01-01",
+            "--until",
+            "2026-01-01",
+        ],
+        &[],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(stdout(&o).lines().count(), 2, "{}", stdout(&o));
 
     // Bad input names the flag.
     let o = carewall(
@@ -136,6 +170,13 @@ fn check_commands(url: &str) {
     assert!(stderr(&o).contains("--since"), "{}", stderr(&o));
     let o = carewall(&["audit", "list", "--url", url, "--category", "mean"], &[]);
     assert!(stderr(&o).contains("--category: unknown category `mean`"));
+    let o = carewall(&["audit", "list", "--url", url, "--action", "flag"], &[]);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("--action: unknown action `flag`; known: allow, annotate, append, retry, replace, block, unclassified"),
+        "{}",
+        stderr(&o)
+    );
     let o = carewall(&["audit", "list", "--url", "mysql://x"], &[]);
     assert!(stderr(&o).contains("expected `sqlite://PATH` or `postgres://...`"));
     let o = carewall(&["audit", "list"], &[]);

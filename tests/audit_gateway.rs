@@ -179,7 +179,7 @@ async fn flagged_responses_reach_the_review_api(gw: &Gateway) -> Vec<String> {
         .find(|c| c["category"] == "toxic_language")
         .unwrap();
     assert!(
-        (toxic["threshold"].as_f64().unwrap() - 0.4).abs() < 1e-6,
+        (toxic["threshold"].as_f64().unwrap() - 0.45).abs() < 1e-6,
         "{toxic}"
     );
     assert_eq!(toxic["flagged"], 2, "{toxic}");

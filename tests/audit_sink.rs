@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use audit_common::*;
-use carewall::audit::store::{GroupCount, ListFilter, Page, SqliteStore, StoreFuture};
+use carewall::audit::store::{GroupCount, ListFilter, Page, SqliteStore, StoreFuture, UndoOutcome};
 use carewall::audit::{
     AuditSink, AuditStore, Overflow, Review, SinkOptions, StoredRecord, SubmitOutcome, TextMode,
 };
@@ -96,6 +96,15 @@ impl AuditStore for Gated {
     }
     fn review<'a>(&'a self, id: &'a str, r: &'a Review) -> StoreFuture<'a, bool> {
         self.inner.review(id, r)
+    }
+    fn undo_review<'a>(
+        &'a self,
+        id: &'a str,
+        reviewer: &'a str,
+        time_ms: i64,
+        expected: Option<i64>,
+    ) -> StoreFuture<'a, UndoOutcome> {
+        self.inner.undo_review(id, reviewer, time_ms, expected)
     }
     fn group_counts(&self) -> StoreFuture<'_, Vec<GroupCount>> {
         self.inner.group_counts()

@@ -386,13 +386,20 @@ async fn harm_at_the_start_middle_and_end_of_long_replies_is_found_and_withheld(
                 // model's part: MODEL_CARD.md reports long-reply recall.)
                 let withheld = matches!(v["action"].as_str(), Some("block" | "replace" | "retry"));
                 if v["flagged"] != true || (withheld && text.contains(&marker)) {
-                    failures.push(format!("{lang} {at} {policy} stream={stream}: {}", v["scores"]));
+                    failures.push(format!(
+                        "{lang} {at} {policy} stream={stream}: {}",
+                        v["scores"]
+                    ));
                 }
                 assert_eq!(v["unclassified"], false, "{v}");
             }
         }
     }
-    assert!(failures.is_empty(), "harm not found or leaked past a remedy:\n{}", failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "harm not found or leaked past a remedy:\n{}",
+        failures.join("\n")
+    );
 }
 
 // Known to fail with model v2 (2026-12-01): the 800-character English safe

@@ -111,10 +111,18 @@ pub enum AdminError {
         "the admin API is disabled: set CAREWALL__ADMIN__TOKEN (or admin.token_file) to enable it"
     )]
     Disabled,
-    #[error("{0}")]
-    BadRequest(String),
+    /// A malformed request; `param` names the query parameter or body field.
+    #[error("{message}")]
+    BadRequest {
+        message: String,
+        param: Option<&'static str>,
+    },
     #[error("{0}")]
     NotFound(String),
+    /// The record changed since the console read it (an undo of a label
+    /// that is no longer the current one, or of none).
+    #[error("{0}")]
+    Conflict(String),
     #[error("method {method} not allowed here; allowed: {allow}")]
     MethodNotAllowed { method: String, allow: &'static str },
     #[error("request body larger than {MAX_BODY} bytes")]
@@ -124,13 +132,30 @@ pub enum AdminError {
 }
 
 impl AdminError {
+    /// A 400 about the query parameter or body field `param`.
+    pub fn bad(param: &'static str, message: impl Into<String>) -> AdminError {
+        AdminError::BadRequest {
+            message: message.into(),
+            param: Some(param),
+        }
+    }
+
+    /// A 400 about the request as a whole.
+    pub fn bad_request(message: impl Into<String>) -> AdminError {
+        AdminError::BadRequest {
+            message: message.into(),
+            param: None,
+        }
+    }
+
     /// The one mapping from admin errors to HTTP statuses.
     pub fn status(&self) -> StatusCode {
         match self {
             AdminError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             AdminError::Disabled => StatusCode::SERVICE_UNAVAILABLE,
-            AdminError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            AdminError::BadRequest { .. } => StatusCode::BAD_REQUEST,
             AdminError::NotFound(_) => StatusCode::NOT_FOUND,
+            AdminError::Conflict(_) => StatusCode::CONFLICT,
             AdminError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             AdminError::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             AdminError::Store(StoreError::Invalid(_)) => StatusCode::BAD_REQUEST,
@@ -138,16 +163,41 @@ impl AdminError {
         }
     }
 
+    /// OpenAI's `error.type`, as `/v1` uses it.
     fn kind(&self) -> &'static str {
         match self {
-            AdminError::Unauthorized(_) => "unauthorized",
+            AdminError::Unauthorized(_)
+            | AdminError::BadRequest { .. }
+            | AdminError::NotFound(_)
+            | AdminError::Conflict(_)
+            | AdminError::MethodNotAllowed { .. }
+            | AdminError::TooLarge
+            | AdminError::Store(StoreError::Invalid(_)) => "invalid_request_error",
+            AdminError::Disabled => "service_unavailable",
+            AdminError::Store(_) => "server_error",
+        }
+    }
+
+    /// Stable machine code for `error.code`.
+    fn code(&self) -> &'static str {
+        match self {
+            AdminError::Unauthorized(_) => "invalid_admin_token",
             AdminError::Disabled => "admin_disabled",
-            AdminError::BadRequest(_) => "invalid_request",
+            AdminError::BadRequest { .. } | AdminError::Store(StoreError::Invalid(_)) => {
+                "invalid_request"
+            }
             AdminError::NotFound(_) => "not_found",
+            AdminError::Conflict(_) => "conflict",
             AdminError::MethodNotAllowed { .. } => "method_not_allowed",
-            AdminError::TooLarge => "payload_too_large",
-            AdminError::Store(StoreError::Invalid(_)) => "invalid_request",
+            AdminError::TooLarge => "request_too_large",
             AdminError::Store(_) => "store_error",
+        }
+    }
+
+    fn param(&self) -> Option<&'static str> {
+        match self {
+            AdminError::BadRequest { param, .. } => *param,
+            _ => None,
         }
     }
 
@@ -156,9 +206,8 @@ impl AdminError {
         if status.is_server_error() && !matches!(self, AdminError::Disabled) {
             tracing::error!(error = %self, "admin request failed");
         }
-        let body = serde_json::json!({
-            "error": { "message": self.to_string(), "type": self.kind(), "code": status.as_u16() }
-        });
+        let body =
+            crate::error::openai_error(&self.to_string(), self.kind(), self.code(), self.param());
         let mut resp = json_response(status, &body);
         if let AdminError::MethodNotAllowed { allow, .. } = &self {
             resp.headers_mut()
@@ -222,20 +271,30 @@ where
             let body = read_body(req.into_body()).await?;
             api::review(state, &id, &body).await
         }
+        (["records", id, "review", "undo"], &Method::POST) => {
+            let id = decode_segment(id)?;
+            let body = read_body(req.into_body()).await?;
+            api::undo(state, &id, &body).await
+        }
         (["export"], &Method::GET) => api::export(state, &query).await,
         (["summary"], &Method::GET) => api::summary(state).await,
-        (["records"], _) | (["records", _], _) | (["export"], _) | (["summary"], _) => {
+        (["meta"], &Method::GET) => api::meta().await,
+        (["records"], _)
+        | (["records", _], _)
+        | (["export"], _)
+        | (["summary"], _)
+        | (["meta"], _) => Err(AdminError::MethodNotAllowed {
+            method: method.to_string(),
+            allow: "GET",
+        }),
+        (["records", _, "review"], _) | (["records", _, "review", "undo"], _) => {
             Err(AdminError::MethodNotAllowed {
                 method: method.to_string(),
-                allow: "GET",
+                allow: "POST",
             })
         }
-        (["records", _, "review"], _) => Err(AdminError::MethodNotAllowed {
-            method: method.to_string(),
-            allow: "POST",
-        }),
         _ => Err(AdminError::NotFound(format!(
-            "no admin API endpoint at {path}; see GET /admin/api/records, /admin/api/records/{{request_id}}, POST /admin/api/records/{{request_id}}/review, GET /admin/api/export, GET /admin/api/summary"
+            "no admin API endpoint at {path}; see GET /admin/api/records, /admin/api/records/{{request_id}}, POST /admin/api/records/{{request_id}}/review, POST /admin/api/records/{{request_id}}/review/undo, GET /admin/api/export, GET /admin/api/summary, GET /admin/api/meta"
         ))),
     }
 }
@@ -244,7 +303,7 @@ fn decode_segment(s: &str) -> Result<String, AdminError> {
     percent_encoding::percent_decode_str(s)
         .decode_utf8()
         .map(|c| c.into_owned())
-        .map_err(|_| AdminError::BadRequest("request id in the path is not valid UTF-8".into()))
+        .map_err(|_| AdminError::bad_request("request id in the path is not valid UTF-8"))
 }
 
 async fn read_body<B>(body: B) -> Result<Bytes, AdminError>
@@ -260,7 +319,7 @@ where
         {
             Err(AdminError::TooLarge)
         }
-        Err(e) => Err(AdminError::BadRequest(format!(
+        Err(e) => Err(AdminError::bad_request(format!(
             "cannot read request body: {e}"
         ))),
     }

@@ -5,7 +5,7 @@
 use serde::Serialize;
 
 use super::crypto::Keyring;
-use super::store::{all_reviewed, AuditStore, StoreError};
+use super::store::{reviewed_matching, AuditStore, ListFilter, StoreError};
 
 #[derive(Serialize)]
 struct Line<'a> {
@@ -27,20 +27,17 @@ pub struct Export {
     pub skipped: u64,
 }
 
-/// Export reviewed records whose time is in `[since, until)`.
+/// Export the reviewed records that `filter` selects (category, action,
+/// mode, time range, conversation; see [`reviewed_matching`]).
 pub async fn reviewed_jsonl(
     store: &dyn AuditStore,
     keyring: Option<&Keyring>,
-    since_ms: Option<i64>,
-    until_ms: Option<i64>,
+    filter: &ListFilter,
 ) -> Result<Export, StoreError> {
-    let records = all_reviewed(store).await?;
+    let records = reviewed_matching(store, filter).await?;
     let mut out = Export::default();
     // Listing is newest first; a training file reads naturally oldest first.
     for r in records.iter().rev() {
-        if since_ms.is_some_and(|s| r.time_ms < s) || until_ms.is_some_and(|u| r.time_ms >= u) {
-            continue;
-        }
         let Some(review) = &r.review else { continue };
         match r.open_text(keyring) {
             Ok(Some(text)) => {

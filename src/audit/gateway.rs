@@ -288,7 +288,7 @@ mod tests {
     #[test]
     fn thresholds_follow_the_default_policy() {
         let t = default_thresholds(&policies());
-        assert_eq!(t[Category::ToxicLanguage.id()], Some(0.4));
+        assert_eq!(t[Category::ToxicLanguage.id()], Some(0.45));
         assert_eq!(t[Category::SafeResponse.id()], None);
     }
 }

@@ -28,10 +28,12 @@ pub mod summary;
 
 pub use crypto::{CryptoError, Keyring};
 pub use pseudonym::Pseudonymizer;
-pub use record::{AuditRecord, Latency, RecordView, Review, StoredRecord, StoredText};
+pub use record::{
+    AuditRecord, Latency, RecordView, Review, ReviewEvent, ReviewKind, StoredRecord, StoredText,
+};
 pub use settings::{
     AdminSettings, AuditSettings, Overflow, RawAdminSection, RawAuditSection, SettingsError,
     StoreUrl, TextMode,
 };
 pub use sink::{AuditSink, AuditStats, SinkOptions, SubmitOutcome};
-pub use store::{open_store, AuditStore, ListFilter, Page, StoreError};
+pub use store::{open_store, AuditStore, ListFilter, Page, StoreError, UndoOutcome};

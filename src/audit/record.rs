@@ -55,7 +55,7 @@ pub struct AuditRecord {
     /// Threshold of that category's rule when the decision was made.
     pub threshold: Option<f32>,
     /// Policy action taken or, in shadow mode, that would have been taken:
-    /// `allow`, `flag`, `block`, `replace`, ...
+    /// one of [`actions`] (`allow`, `annotate`, ..., `unclassified`).
     pub action: String,
     /// True when the policy ran in shadow mode (the action was not enforced).
     pub shadow: bool,
@@ -126,6 +126,68 @@ pub struct Review {
     pub time_ms: i64,
 }
 
+/// What a review history entry did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReviewKind {
+    /// A label (with its note) was given.
+    Label,
+    /// The label in force was withdrawn; the one before it (if any) is in
+    /// force again.
+    Undo,
+}
+
+impl ReviewKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReviewKind::Label => "label",
+            ReviewKind::Undo => "undo",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<ReviewKind> {
+        match s {
+            "label" => Some(ReviewKind::Label),
+            "undo" => Some(ReviewKind::Undo),
+            _ => None,
+        }
+    }
+}
+
+/// One entry of a record's review history. The history is append-only:
+/// a new label or an undo adds an entry, nothing is ever changed or removed
+/// (except by retention, with the record).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReviewEvent {
+    /// Increasing across the store: later entries have larger ids.
+    pub id: i64,
+    pub kind: ReviewKind,
+    /// The label given (`Label` only).
+    pub label: Option<Category>,
+    pub note: Option<String>,
+    pub reviewer: String,
+    /// Milliseconds since the Unix epoch.
+    pub time_ms: i64,
+    /// The label entry an `Undo` withdrew.
+    pub undoes: Option<i64>,
+}
+
+/// The label entries still in force after replaying `history` (oldest
+/// first): each label is pushed, each undo pops the latest. The last one is
+/// the current review.
+pub fn labels_in_force(history: &[ReviewEvent]) -> Vec<&ReviewEvent> {
+    let mut stack: Vec<&ReviewEvent> = Vec::new();
+    for e in history {
+        match e.kind {
+            ReviewKind::Label => stack.push(e),
+            ReviewKind::Undo => {
+                stack.pop();
+            }
+        }
+    }
+    stack
+}
+
 /// Text as stored: the mode it was recorded under and, unless `none`, the
 /// sealed JSON `{"context","response"}`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -156,7 +218,10 @@ pub struct StoredRecord {
     pub shadow: bool,
     pub latency: Latency,
     pub text: StoredText,
+    /// The review in force (the last label not undone), if any.
     pub review: Option<Review>,
+    /// Every review entry, oldest first (filled by `get` and `list`).
+    pub history: Vec<ReviewEvent>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -184,17 +249,42 @@ pub fn rfc3339(ms: i64) -> String {
 }
 
 /// Parse a time given by a person: milliseconds since the epoch, RFC 3339
-/// UTC (`2026-01-31T12:00:00Z`), or a date (`2026-01-31`, midnight UTC).
+/// (`2026-01-31T12:00:00Z`, `2026-01-31T20:00:00+08:00`), or a date
+/// (`2026-01-31`, midnight UTC).
 pub fn parse_time(v: &str) -> Option<i64> {
+    parse_time_bound(v, false)
+}
+
+/// [`parse_time`] for the bounds of a range `[since, until)`. A date alone
+/// means that whole day in UTC: as the lower bound its first millisecond,
+/// as the upper bound (`upper`) the start of the next day, so `since` =
+/// `until` = one date selects that day.
+pub fn parse_time_bound(v: &str, upper: bool) -> Option<i64> {
+    let v = v.trim();
     if let Ok(ms) = v.parse::<i64>() {
         return Some(ms);
     }
-    let text = if v.len() == 10 {
-        format!("{v}T00:00:00Z")
-    } else {
-        v.to_string()
-    };
-    humantime::parse_rfc3339_weak(&text).ok().map(unix_ms)
+    if v.len() == 10 && v.as_bytes().get(4) == Some(&b'-') {
+        let start = humantime::parse_rfc3339(&format!("{v}T00:00:00Z"))
+            .ok()
+            .map(unix_ms)?;
+        return Some(if upper { start + 86_400_000 } else { start });
+    }
+    humantime::parse_rfc3339_weak(v)
+        .ok()
+        .or_else(|| crate::config::parse_rfc3339(v))
+        .map(unix_ms)
+}
+
+/// Every action a record can carry: the policy actions
+/// ([`crate::policy::Action::ALL`]) and `unclassified` (text released
+/// without a passing check). Filters accept these and nothing else.
+pub fn actions() -> Vec<&'static str> {
+    crate::policy::Action::ALL
+        .iter()
+        .map(|a| a.key())
+        .chain([super::gateway::UNCLASSIFIED])
+        .collect()
 }
 
 /// Parse a category given by a person: label id (`4`), key
@@ -281,6 +371,7 @@ impl StoredRecord {
             latency: r.latency,
             text,
             review: None,
+            history: Vec::new(),
         })
     }
 
@@ -341,12 +432,28 @@ impl StoredRecord {
             delivered,
             text_error,
             review: self.review.clone().map(|r| ReviewView {
+                id: labels_in_force(&self.history).last().map(|e| e.id),
                 label: r.label,
                 label_id: r.label.id(),
                 note: r.note,
                 reviewer: r.reviewer,
                 time: rfc3339(r.time_ms),
             }),
+            history: self
+                .history
+                .iter()
+                .map(|e| ReviewEventView {
+                    id: e.id,
+                    kind: e.kind,
+                    label: e.label,
+                    label_id: e.label.map(Category::id),
+                    note: e.note.clone(),
+                    reviewer: e.reviewer.clone(),
+                    time: rfc3339(e.time_ms),
+                    time_ms: e.time_ms,
+                    undoes: e.undoes,
+                })
+                .collect(),
         }
     }
 }
@@ -397,17 +504,42 @@ pub struct RecordView {
     /// Why the text could not be shown (e.g. a missing key), if so.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub text_error: Option<String>,
+    /// The review in force.
     pub review: Option<ReviewView>,
+    /// Every review entry, oldest first.
+    pub history: Vec<ReviewEventView>,
 }
 
 /// A review as shown.
 #[derive(Debug, Clone, Serialize)]
 pub struct ReviewView {
+    /// The history entry that gave this label (pass it to an undo);
+    /// `None` only for a review without history (an older store).
+    pub id: Option<i64>,
     pub label: Category,
     pub label_id: usize,
     pub note: Option<String>,
     pub reviewer: String,
     pub time: String,
+}
+
+/// A review history entry as shown.
+#[derive(Debug, Clone, Serialize)]
+pub struct ReviewEventView {
+    pub id: i64,
+    pub kind: ReviewKind,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub label: Option<Category>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub label_id: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+    pub reviewer: String,
+    /// RFC 3339 UTC.
+    pub time: String,
+    pub time_ms: i64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub undoes: Option<i64>,
 }
 
 #[cfg(test)]
@@ -461,6 +593,71 @@ mod tests {
         assert_eq!(v.time, "2023-11-14T22:13:20.123Z");
         assert!(format!("{:?}", sample()).contains("req-1"));
         assert!(!format!("{:?}", sample()).contains("没用"));
+    }
+
+    #[test]
+    fn undo_pops_the_latest_label_in_force() {
+        let ev = |id, kind, label| ReviewEvent {
+            id,
+            kind,
+            label,
+            note: None,
+            reviewer: "r".into(),
+            time_ms: id,
+            undoes: None,
+        };
+        let l = |id, c| ev(id, ReviewKind::Label, Some(c));
+        let u = |id| ev(id, ReviewKind::Undo, None);
+        let ids = |h: &[ReviewEvent]| labels_in_force(h).iter().map(|e| e.id).collect::<Vec<_>>();
+        assert_eq!(ids(&[]), Vec::<i64>::new());
+        let h = [l(1, Category::Nonsense), l(2, Category::ToxicLanguage)];
+        assert_eq!(ids(&h), [1, 2]);
+        let h = [
+            l(1, Category::Nonsense),
+            l(2, Category::ToxicLanguage),
+            u(3),
+        ];
+        assert_eq!(ids(&h), [1]);
+        let h = [
+            l(1, Category::Nonsense),
+            u(2),
+            u(3),
+            l(4, Category::SafeResponse),
+        ];
+        assert_eq!(ids(&h), [4]);
+    }
+
+    #[test]
+    fn dates_are_whole_days_as_bounds_and_offsets_are_understood() {
+        let day = 86_400_000;
+        let t0 = 1_767_225_600_000; // 2026-01-01T00:00:00Z
+        assert_eq!(parse_time_bound("2026-01-01", false), Some(t0));
+        assert_eq!(parse_time_bound("2026-01-01", true), Some(t0 + day));
+        assert_eq!(parse_time("2026-01-01"), Some(t0));
+        assert_eq!(parse_time("2026-01-01T08:00:00+08:00"), Some(t0));
+        assert_eq!(parse_time("2026-01-01T00:00:00Z"), Some(t0));
+        assert_eq!(parse_time(&t0.to_string()), Some(t0));
+        assert_eq!(parse_time("2026-13-01"), None);
+        assert_eq!(parse_time("yesterday"), None);
+    }
+
+    #[test]
+    fn record_actions_are_the_policy_actions_and_unclassified() {
+        assert_eq!(
+            actions(),
+            [
+                "allow",
+                "annotate",
+                "append",
+                "retry",
+                "replace",
+                "block",
+                "unclassified"
+            ]
+        );
+        for a in crate::policy::Action::ALL {
+            assert_eq!(crate::policy::Action::parse(a.key()), Some(a));
+        }
     }
 
     #[test]

@@ -263,6 +263,7 @@ mod tests {
                 reviewer: "x".into(),
                 time_ms: 0,
             }),
+            history: Vec::new(),
         }
     }
 
@@ -299,7 +300,7 @@ mod tests {
             },
             GroupCount {
                 category: Nonsense,
-                action: "flag".into(),
+                action: "annotate".into(),
                 shadow: true,
                 total: 3,
                 reviewed: 0,

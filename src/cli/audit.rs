@@ -9,7 +9,7 @@ use anyhow::{bail, Context as _};
 
 use crate::audit::crypto::{Key, Keyring};
 use crate::audit::export::reviewed_jsonl;
-use crate::audit::record::{parse_category, parse_time, rfc3339, unix_ms};
+use crate::audit::record::{actions, parse_category, parse_time_bound, rfc3339, unix_ms};
 use crate::audit::store::{open_store, AuditStore, ListFilter};
 use crate::audit::{AuditSettings, StoreUrl};
 use crate::config::Config;
@@ -63,27 +63,66 @@ pub struct ListArgs {
     /// Most records to show (1-500).
     #[arg(long, default_value_t = 50)]
     pub limit: u32,
+    #[command(flatten)]
+    pub filter: FilterArgs,
+    /// Only reviewed (true) or unreviewed (false) records.
+    #[arg(long)]
+    pub reviewed: Option<bool>,
+    /// One JSON object per line instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Filters shared by `list` and `export`, as the review API takes them.
+#[derive(Debug, clap::Args)]
+pub struct FilterArgs {
     /// Model category: label id, key or name.
     #[arg(long)]
     pub category: Option<String>,
-    /// Policy action, e.g. block.
+    /// Action: allow, annotate, append, retry, replace, block or unclassified.
     #[arg(long)]
     pub action: Option<String>,
     /// Only shadow-mode (true) or enforced (false) records.
     #[arg(long)]
     pub shadow: Option<bool>,
-    /// Only reviewed (true) or unreviewed (false) records.
-    #[arg(long)]
-    pub reviewed: Option<bool>,
-    /// From this time (RFC 3339 UTC, a date, or epoch ms), inclusive.
+    /// From this time (RFC 3339, a date = that day in UTC, or epoch ms), inclusive.
     #[arg(long)]
     pub since: Option<String>,
-    /// Until this time, exclusive.
+    /// Until this time, exclusive; a date includes that whole day (UTC).
     #[arg(long)]
     pub until: Option<String>,
-    /// One JSON object per line instead of a table.
-    #[arg(long)]
-    pub json: bool,
+}
+
+impl FilterArgs {
+    fn filter(&self) -> anyhow::Result<ListFilter> {
+        let category = self
+            .category
+            .as_deref()
+            .map(|c| parse_category(c).ok_or_else(|| anyhow::anyhow!("--category: unknown category `{c}`; use a label id 0-7 or a key such as toxic_language")))
+            .transpose()?;
+        let known = actions();
+        if let Some(a) = self.action.as_deref().filter(|a| !known.contains(a)) {
+            bail!(
+                "--action: unknown action `{a}`; known: {}",
+                known.join(", ")
+            );
+        }
+        let since_ms = time_arg("since", &self.since, false)?;
+        let until_ms = time_arg("until", &self.until, true)?;
+        if let (Some(s), Some(u)) = (since_ms, until_ms) {
+            if s >= u {
+                bail!("--since must be earlier than --until (a date as --until includes that whole day)");
+            }
+        }
+        Ok(ListFilter {
+            category,
+            action: self.action.clone(),
+            shadow: self.shadow,
+            since_ms,
+            until_ms,
+            ..ListFilter::default()
+        })
+    }
 }
 
 #[derive(Debug, clap::Args)]
@@ -101,10 +140,8 @@ pub struct ExportArgs {
     /// Write to this file instead of standard output.
     #[arg(long)]
     pub out: Option<PathBuf>,
-    #[arg(long)]
-    pub since: Option<String>,
-    #[arg(long)]
-    pub until: Option<String>,
+    #[command(flatten)]
+    pub filter: FilterArgs,
 }
 
 #[derive(Debug, clap::Args)]
@@ -209,11 +246,11 @@ fn keyring(args: &StoreArgs) -> anyhow::Result<Option<Keyring>> {
     Ok(Some(ring))
 }
 
-fn time_arg(name: &str, v: &Option<String>) -> anyhow::Result<Option<i64>> {
+fn time_arg(name: &str, v: &Option<String>, upper: bool) -> anyhow::Result<Option<i64>> {
     v.as_deref()
         .map(|s| {
-            parse_time(s).ok_or_else(|| {
-                anyhow::anyhow!("--{name}: expected RFC 3339 UTC (2026-01-31T12:00:00Z), a date (2026-01-31) or epoch ms, got `{s}`")
+            parse_time_bound(s, upper).ok_or_else(|| {
+                anyhow::anyhow!("--{name}: expected RFC 3339 (2026-01-31T12:00:00Z), a date (2026-01-31, that day in UTC) or epoch ms, got `{s}`")
             })
         })
         .transpose()
@@ -223,21 +260,10 @@ async fn list(a: ListArgs) -> anyhow::Result<()> {
     if !(1..=500).contains(&a.limit) {
         bail!("--limit: must be in 1..=500, got {}", a.limit);
     }
-    let category = a
-        .category
-        .as_deref()
-        .map(|c| parse_category(c).ok_or_else(|| anyhow::anyhow!("--category: unknown category `{c}`; use a label id 0-7 or a key such as toxic_language")))
-        .transpose()?;
     let filter = ListFilter {
-        category,
-        action: a.action.clone(),
-        shadow: a.shadow,
         reviewed: a.reviewed,
-        since_ms: time_arg("since", &a.since)?,
-        until_ms: time_arg("until", &a.until)?,
-        conversation_id: None,
         limit: a.limit,
-        cursor: None,
+        ..a.filter.filter()?
     };
     let store = open(&a.store).await?;
     let page = store.list(&filter).await?;
@@ -302,14 +328,9 @@ async fn export(a: ExportArgs) -> anyhow::Result<()> {
     if ring.is_none() {
         bail!("export needs the encryption key to open the text: pass --key, set CAREWALL__AUDIT__ENCRYPTION_KEY, or --config FILE with audit.encryption_key_file");
     }
+    let filter = a.filter.filter()?;
     let store = open(&a.store).await?;
-    let e = reviewed_jsonl(
-        store.as_ref(),
-        ring.as_ref(),
-        time_arg("since", &a.since)?,
-        time_arg("until", &a.until)?,
-    )
-    .await?;
+    let e = reviewed_jsonl(store.as_ref(), ring.as_ref(), &filter).await?;
     match &a.out {
         Some(p) => std::fs::write(p, &e.jsonl)
             .with_context(|| format!("--out: cannot write {}", p.display()))?,

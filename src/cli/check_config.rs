@@ -1,9 +1,13 @@
 //! `carewall check-config [--config FILE]`: validate everything a start
-//! would, without serving.
+//! would, without serving, and report every problem in one run: the
+//! configuration, the policies and the classifier together (the classifier
+//! is skipped only when its own section has errors, since its defaults
+//! would then be checked instead). Then warnings: things that run but
+//! probably are not what the operator wants.
 
 use std::path::PathBuf;
 
-use crate::config::Config;
+use crate::config::{Checked, Config, ConfigError};
 
 #[derive(Debug, clap::Args)]
 pub struct CheckConfigArgs {
@@ -13,9 +17,27 @@ pub struct CheckConfigArgs {
 }
 
 pub fn run(args: CheckConfigArgs) -> anyhow::Result<()> {
-    let (config, policies) = Config::load_all(&Config::sources(args.config.as_deref()))?;
+    let Checked {
+        config,
+        policies,
+        mut errors,
+    } = Config::check(&Config::sources(args.config.as_deref()))?;
     // Loading the classifier checks the model folder and ONNX Runtime too.
-    let classifier = super::serve::build_classifier(&config)?;
+    let classifier_section_ok = !errors.iter().any(|e| e.starts_with("classifier"));
+    let classifier = if classifier_section_ok {
+        match super::serve::build_classifier(&config) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                errors.push(format!("{e:#}"));
+                None
+            }
+        }
+    } else {
+        None
+    };
+    let (Some(policies), Some(classifier), true) = (policies, classifier, errors.is_empty()) else {
+        return Err(ConfigError(errors).into());
+    };
     println!("configuration OK");
     println!("  listen:      {}", config.server.listen);
     println!(
@@ -55,7 +77,12 @@ pub fn run(args: CheckConfigArgs) -> anyhow::Result<()> {
             n => n.to_string(),
         }
     );
-    for w in crate::config::policy_warnings(&policies, &config.server.client_keys) {
+    let mut warnings = crate::config::setup_warnings(&config);
+    warnings.extend(crate::config::policy_warnings(
+        &policies,
+        &config.server.client_keys,
+    ));
+    for w in warnings {
         println!("warning: {w}");
     }
     Ok(())

@@ -148,14 +148,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
     let classifier = args.model.load()?;
     let model_name = classifier.name().to_string();
 
-    let bar = indicatif::ProgressBar::new(examples.len() as u64);
-    bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{elapsed_precise} [{bar:40}] {pos}/{len} pairs ({per_sec}, eta {eta})",
-        )
-        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
-        .progress_chars("=> "),
-    );
+    let mut bar = Progress::new(examples.len() as u64);
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -180,11 +173,11 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
                 format!("{}:{}: classification failed", args.data.display(), ex.line)
             })?;
             out.push((ex, scores));
-            bar.inc(1);
+            bar.inc();
         }
         anyhow::Ok(out)
     })?;
-    bar.finish_and_clear();
+    bar.finish();
 
     let r = report(&Confusion::from_pairs(
         scored.iter().map(|(ex, s)| (ex.label, s.top())),
@@ -241,6 +234,82 @@ async fn judge_as_window(
         }
     }
     Ok(merged.unwrap_or(Scores([0.0; 8])))
+}
+
+/// Progress on stderr (stdout holds the report): a bar on a terminal;
+/// elsewhere (a CI log, a pipe) a plain line at every tenth, and one at the
+/// end, so a long run still shows that it moves.
+enum Progress {
+    Bar(indicatif::ProgressBar),
+    Lines {
+        total: u64,
+        done: u64,
+        next: u64,
+        start: std::time::Instant,
+    },
+}
+
+impl Progress {
+    fn new(total: u64) -> Progress {
+        use std::io::IsTerminal as _;
+        if std::io::stderr().is_terminal() {
+            let bar = indicatif::ProgressBar::new(total);
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{elapsed_precise} [{bar:40}] {pos}/{len} pairs ({per_sec}, eta {eta})",
+                )
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+                .progress_chars("=> "),
+            );
+            Progress::Bar(bar)
+        } else {
+            eprintln!("eval: classifying {total} pairs");
+            Progress::Lines {
+                total,
+                done: 0,
+                next: Self::step(total),
+                start: std::time::Instant::now(),
+            }
+        }
+    }
+
+    fn step(total: u64) -> u64 {
+        total.div_ceil(10).max(1)
+    }
+
+    fn inc(&mut self) {
+        match self {
+            Progress::Bar(b) => b.inc(1),
+            Progress::Lines {
+                total,
+                done,
+                next,
+                start,
+            } => {
+                *done += 1;
+                if *done >= *next && *done < *total {
+                    eprintln!(
+                        "eval: {done}/{total} pairs ({}%, {:.1} s)",
+                        *done * 100 / (*total).max(1),
+                        start.elapsed().as_secs_f64()
+                    );
+                    *next += Self::step(*total);
+                }
+            }
+        }
+    }
+
+    fn finish(self) {
+        match self {
+            Progress::Bar(b) => b.finish_and_clear(),
+            Progress::Lines {
+                total, done, start, ..
+            } => eprintln!(
+                "eval: {done}/{total} pairs classified in {:.1} s",
+                start.elapsed().as_secs_f64()
+            ),
+        }
+    }
 }
 
 /// How many examples are among the model's training pairs, by the hash

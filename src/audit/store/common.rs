@@ -37,6 +37,86 @@ macro_rules! impl_audit_store {
                 })
             }
 
+            fn read_review_row(
+                row: &<$db as sqlx::Database>::Row,
+            ) -> Result<super::ReviewRow, sqlx::Error> {
+                use sqlx::Row as _;
+                Ok(super::ReviewRow {
+                    request_id: row.try_get("request_id")?,
+                    id: row.try_get("id")?,
+                    kind: row.try_get("kind")?,
+                    label: row.try_get("label")?,
+                    note: row.try_get("note")?,
+                    reviewer: row.try_get("reviewer")?,
+                    time_ms: row.try_get("time_ms")?,
+                    undoes: row.try_get("undoes")?,
+                })
+            }
+
+            /// The review histories of `ids`, keyed by request id, each
+            /// oldest first.
+            async fn histories<'e, E>(
+                executor: E,
+                ids: &[&str],
+            ) -> Result<
+                std::collections::HashMap<String, Vec<$crate::audit::record::ReviewEvent>>,
+                super::StoreError,
+            >
+            where
+                E: sqlx::Executor<'e, Database = $db>,
+            {
+                let mut out: std::collections::HashMap<String, Vec<_>> =
+                    std::collections::HashMap::new();
+                if ids.is_empty() {
+                    return Ok(out);
+                }
+                let sql = super::sql::history_query(ids.len());
+                let mut query = sqlx::query(&sql);
+                for id in ids {
+                    query = query.bind(*id);
+                }
+                let rows =
+                    query
+                        .fetch_all(executor)
+                        .await
+                        .map_err(|e| super::StoreError::Query {
+                            op: "review history",
+                            reason: e.to_string(),
+                        })?;
+                for row in &rows {
+                    let (id, event) = Self::read_review_row(row)
+                        .map_err(|e| super::StoreError::Corrupt {
+                            request_id: "?".into(),
+                            reason: e.to_string(),
+                        })?
+                        .into_event()?;
+                    out.entry(id).or_default().push(event);
+                }
+                Ok(out)
+            }
+
+            /// Append one history entry; its id.
+            async fn append_review<'e, E>(
+                executor: E,
+                e: super::NewReview<'_>,
+            ) -> Result<i64, sqlx::Error>
+            where
+                E: sqlx::Executor<'e, Database = $db>,
+            {
+                use sqlx::Row as _;
+                sqlx::query(super::sql::INSERT_REVIEW)
+                    .bind(e.request_id)
+                    .bind(e.kind.as_str())
+                    .bind(e.label)
+                    .bind(e.note)
+                    .bind(e.reviewer)
+                    .bind(e.time_ms)
+                    .bind(e.undoes)
+                    .fetch_one(executor)
+                    .await?
+                    .try_get::<i64, _>(0)
+            }
+
             fn decode(
                 row: &<$db as sqlx::Database>::Row,
             ) -> Result<$crate::audit::record::StoredRecord, super::StoreError> {
@@ -187,6 +267,15 @@ macro_rules! impl_audit_store {
                     } else {
                         None
                     };
+                    // An undone label leaves a history without a review in
+                    // force, so every record's history is read.
+                    let ids: Vec<&str> = items.iter().map(|r| r.request_id.as_str()).collect();
+                    let mut histories = Self::histories(&self.pool, &ids).await?;
+                    for r in &mut items {
+                        if let Some(h) = histories.remove(&r.request_id) {
+                            r.history = h;
+                        }
+                    }
                     Ok(super::Page { items, next_cursor })
                 })
             }
@@ -204,7 +293,12 @@ macro_rules! impl_audit_store {
                             op: "get",
                             reason: e.to_string(),
                         })?;
-                    row.as_ref().map(Self::decode).transpose()
+                    let Some(mut record) = row.as_ref().map(Self::decode).transpose()? else {
+                        return Ok(None);
+                    };
+                    let mut h = Self::histories(&self.pool, &[request_id]).await?;
+                    record.history = h.remove(request_id).unwrap_or_default();
+                    Ok(Some(record))
                 })
             }
 
@@ -214,19 +308,108 @@ macro_rules! impl_audit_store {
                 review: &'a $crate::audit::record::Review,
             ) -> super::StoreFuture<'a, bool> {
                 Box::pin(async move {
-                    let res = sqlx::query(super::sql::REVIEW)
-                        .bind(review.label.id() as i64)
-                        .bind(&review.note)
-                        .bind(&review.reviewer)
-                        .bind(review.time_ms)
+                    let q = |e: sqlx::Error| super::StoreError::Query {
+                        op: "review",
+                        reason: e.to_string(),
+                    };
+                    let label = review.label.id() as i64;
+                    let mut tx = self.pool.begin().await.map_err(q)?;
+                    let found = sqlx::query(super::sql::TOUCH)
                         .bind(request_id)
-                        .execute(&self.pool)
+                        .execute(&mut *tx)
                         .await
-                        .map_err(|e| super::StoreError::Query {
-                            op: "review",
-                            reason: e.to_string(),
-                        })?;
-                    Ok(res.rows_affected() > 0)
+                        .map_err(q)?
+                        .rows_affected();
+                    if found == 0 {
+                        return Ok(false);
+                    }
+                    Self::append_review(
+                        &mut *tx,
+                        super::NewReview {
+                            request_id,
+                            kind: $crate::audit::record::ReviewKind::Label,
+                            label: Some(label),
+                            note: review.note.as_deref(),
+                            reviewer: &review.reviewer,
+                            time_ms: review.time_ms,
+                            undoes: None,
+                        },
+                    )
+                    .await
+                    .map_err(q)?;
+                    sqlx::query(super::sql::REVIEW)
+                        .bind(Some(label))
+                        .bind(&review.note)
+                        .bind(Some(&review.reviewer))
+                        .bind(Some(review.time_ms))
+                        .bind(request_id)
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(q)?;
+                    tx.commit().await.map_err(q)?;
+                    Ok(true)
+                })
+            }
+
+            fn undo_review<'a>(
+                &'a self,
+                request_id: &'a str,
+                reviewer: &'a str,
+                time_ms: i64,
+                expected: Option<i64>,
+            ) -> super::StoreFuture<'a, super::UndoOutcome> {
+                Box::pin(async move {
+                    let q = |e: sqlx::Error| super::StoreError::Query {
+                        op: "undo review",
+                        reason: e.to_string(),
+                    };
+                    let mut tx = self.pool.begin().await.map_err(q)?;
+                    let found = sqlx::query(super::sql::TOUCH)
+                        .bind(request_id)
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(q)?
+                        .rows_affected();
+                    if found == 0 {
+                        return Ok(super::UndoOutcome::NoRecord);
+                    }
+                    let history = Self::histories(&mut *tx, &[request_id])
+                        .await?
+                        .remove(request_id)
+                        .unwrap_or_default();
+                    let in_force = $crate::audit::record::labels_in_force(&history);
+                    let Some(top) = in_force.last() else {
+                        return Ok(super::UndoOutcome::NothingToUndo);
+                    };
+                    if expected.is_some_and(|e| e != top.id) {
+                        return Ok(super::UndoOutcome::Stale { current: top.id });
+                    }
+                    Self::append_review(
+                        &mut *tx,
+                        super::NewReview {
+                            request_id,
+                            kind: $crate::audit::record::ReviewKind::Undo,
+                            label: None,
+                            note: None,
+                            reviewer,
+                            time_ms,
+                            undoes: Some(top.id),
+                        },
+                    )
+                    .await
+                    .map_err(q)?;
+                    let before = in_force.len().checked_sub(2).and_then(|i| in_force.get(i));
+                    sqlx::query(super::sql::REVIEW)
+                        .bind(before.and_then(|e| e.label).map(|l| l.id() as i64))
+                        .bind(before.and_then(|e| e.note.clone()))
+                        .bind(before.map(|e| e.reviewer.clone()))
+                        .bind(before.map(|e| e.time_ms))
+                        .bind(request_id)
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(q)?;
+                    tx.commit().await.map_err(q)?;
+                    Ok(super::UndoOutcome::Undone)
                 })
             }
 
@@ -267,14 +450,22 @@ macro_rules! impl_audit_store {
 
             fn purge_before(&self, cutoff_ms: i64) -> super::StoreFuture<'_, u64> {
                 Box::pin(async move {
+                    let q = |e: sqlx::Error| super::StoreError::Query {
+                        op: "purge",
+                        reason: e.to_string(),
+                    };
+                    let mut tx = self.pool.begin().await.map_err(q)?;
+                    sqlx::query(super::sql::PURGE_REVIEWS)
+                        .bind(cutoff_ms)
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(q)?;
                     let res = sqlx::query(super::sql::PURGE)
                         .bind(cutoff_ms)
-                        .execute(&self.pool)
+                        .execute(&mut *tx)
                         .await
-                        .map_err(|e| super::StoreError::Query {
-                            op: "purge",
-                            reason: e.to_string(),
-                        })?;
+                        .map_err(q)?;
+                    tx.commit().await.map_err(q)?;
                     Ok(res.rows_affected())
                 })
             }

@@ -16,7 +16,7 @@ use base64::Engine as _;
 
 use crate::classifier::{Category, Scores};
 
-use super::record::{Latency, Review, StoredRecord, StoredText};
+use super::record::{Latency, Review, ReviewEvent, ReviewKind, StoredRecord, StoredText};
 use super::settings::{StoreUrl, TextMode};
 
 mod common;
@@ -111,6 +111,19 @@ pub struct Page {
     pub next_cursor: Option<Cursor>,
 }
 
+/// What [`AuditStore::undo_review`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UndoOutcome {
+    /// The label was withdrawn.
+    Undone,
+    /// No record with that request id.
+    NoRecord,
+    /// The record has no label in force.
+    NothingToUndo,
+    /// The label in force is another history entry than the expected one.
+    Stale { current: i64 },
+}
+
 /// Record counts for one (category, action, shadow) group.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GroupCount {
@@ -139,8 +152,22 @@ pub trait AuditStore: Send + Sync + 'static {
     /// One record by request id.
     fn get<'a>(&'a self, request_id: &'a str) -> StoreFuture<'a, Option<StoredRecord>>;
 
-    /// Set (or replace) the review of a record. `false` if no such record.
+    /// Label a record: append the label to its review history and make it
+    /// the review in force (the previous one stays in the history). `false`
+    /// if no such record.
     fn review<'a>(&'a self, request_id: &'a str, review: &'a Review) -> StoreFuture<'a, bool>;
+
+    /// Withdraw the label in force: append an undo by `reviewer` to the
+    /// history; the label before it (if any) is in force again. With
+    /// `expected`, only if the label in force is that history entry (so a
+    /// console never undoes a label someone else gave since).
+    fn undo_review<'a>(
+        &'a self,
+        request_id: &'a str,
+        reviewer: &'a str,
+        time_ms: i64,
+        expected: Option<i64>,
+    ) -> StoreFuture<'a, UndoOutcome>;
 
     /// Counts grouped by (category, action, shadow).
     fn group_counts(&self) -> StoreFuture<'_, Vec<GroupCount>>;
@@ -163,11 +190,21 @@ pub async fn open_store(url: &StoreUrl) -> Result<Arc<dyn AuditStore>, StoreErro
 /// Every reviewed record, oldest review pages first by listing order; pages
 /// through the store so memory stays bounded per page.
 pub async fn all_reviewed(store: &dyn AuditStore) -> Result<Vec<StoredRecord>, StoreError> {
+    reviewed_matching(store, &ListFilter::default()).await
+}
+
+/// Every reviewed record that `filter` selects (its `reviewed`, `limit` and
+/// `cursor` are ignored), newest first, paging through the store.
+pub async fn reviewed_matching(
+    store: &dyn AuditStore,
+    filter: &ListFilter,
+) -> Result<Vec<StoredRecord>, StoreError> {
     let mut out = Vec::new();
     let mut filter = ListFilter {
         reviewed: Some(true),
         limit: MAX_LIMIT,
-        ..ListFilter::default()
+        cursor: None,
+        ..filter.clone()
     };
     loop {
         let page = store.list(&filter).await?;
@@ -257,7 +294,66 @@ impl RowData {
                 ciphertext: self.ciphertext,
             },
             review,
+            history: Vec::new(),
         })
+    }
+}
+
+/// A history entry to append.
+pub(crate) struct NewReview<'a> {
+    pub request_id: &'a str,
+    pub kind: ReviewKind,
+    pub label: Option<i64>,
+    pub note: Option<&'a str>,
+    pub reviewer: &'a str,
+    pub time_ms: i64,
+    pub undoes: Option<i64>,
+}
+
+/// A review history row in Rust types both backends decode natively.
+pub(crate) struct ReviewRow {
+    pub request_id: String,
+    pub id: i64,
+    pub kind: String,
+    pub label: Option<i64>,
+    pub note: Option<String>,
+    pub reviewer: String,
+    pub time_ms: i64,
+    pub undoes: Option<i64>,
+}
+
+impl ReviewRow {
+    pub(crate) fn into_event(self) -> Result<(String, ReviewEvent), StoreError> {
+        let corrupt = |reason: String| StoreError::Corrupt {
+            request_id: self.request_id.clone(),
+            reason,
+        };
+        let kind = ReviewKind::parse(&self.kind)
+            .ok_or_else(|| corrupt(format!("unknown review entry kind `{}`", self.kind)))?;
+        let label = match self.label {
+            None => None,
+            Some(l) => Some(
+                usize::try_from(l)
+                    .ok()
+                    .and_then(Category::from_id)
+                    .ok_or_else(|| corrupt(format!("review label {l} out of range")))?,
+            ),
+        };
+        if kind == ReviewKind::Label && label.is_none() {
+            return Err(corrupt(format!("review entry {} has no label", self.id)));
+        }
+        Ok((
+            self.request_id,
+            ReviewEvent {
+                id: self.id,
+                kind,
+                label,
+                note: self.note,
+                reviewer: self.reviewer,
+                time_ms: self.time_ms,
+                undoes: self.undoes,
+            },
+        ))
     }
 }
 

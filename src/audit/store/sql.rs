@@ -23,9 +23,34 @@ pub const GET: &str = "SELECT request_id, time_ms, tenant, conversation_id, mode
 pub const REVIEW: &str = "UPDATE audit_records SET review_label = $1, review_note = $2, \
     reviewer = $3, reviewed_ms = $4 WHERE request_id = $5";
 
+/// Locks a record's row for the rest of the transaction (a write lock on
+/// SQLite, a row lock on PostgreSQL) and says whether it exists: review
+/// changes read the history, then append to it, and must not interleave.
+pub const TOUCH: &str = "UPDATE audit_records SET reviewed_ms = reviewed_ms WHERE request_id = $1";
+
+pub const INSERT_REVIEW: &str = "INSERT INTO audit_reviews (request_id, kind, label, note, \
+    reviewer, time_ms, undoes) VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING id";
+
+/// Columns of a review history row.
+pub const REVIEW_COLUMNS: &str = "request_id, id, kind, label, note, reviewer, time_ms, undoes";
+
+/// The history of the records named by `n` request ids, oldest first.
+pub fn history_query(n: usize) -> String {
+    let marks: Vec<String> = (1..=n).map(|i| format!("${i}")).collect();
+    format!(
+        "SELECT {REVIEW_COLUMNS} FROM audit_reviews WHERE request_id IN ({}) ORDER BY id",
+        marks.join(", ")
+    )
+}
+
 pub const GROUP_COUNTS: &str = "SELECT category, action, shadow, COUNT(*) AS total, \
     COUNT(review_label) AS reviewed FROM audit_records GROUP BY category, action, shadow \
     ORDER BY category, action, shadow";
+
+/// Retention removes a record's review history with it (before the
+/// record, so the foreign key never dangles).
+pub const PURGE_REVIEWS: &str = "DELETE FROM audit_reviews WHERE request_id IN \
+    (SELECT request_id FROM audit_records WHERE time_ms < $1)";
 
 pub const PURGE: &str = "DELETE FROM audit_records WHERE time_ms < $1";
 

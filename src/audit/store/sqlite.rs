@@ -12,7 +12,12 @@ use sqlx::{Sqlite, SqlitePool};
 use super::common::impl_audit_store;
 use super::StoreError;
 
-const MIGRATIONS: &[(i64, &str)] = &[(
+/// Applied in order, each once. Version 2 adds the append-only review
+/// history (`audit_reviews`), seeded with the reviews already stored; the
+/// review columns of `audit_records` stay and hold the review in force, so
+/// an older binary still reads and writes the store.
+const MIGRATIONS: &[(i64, &str)] = &[
+    (
     1,
     "CREATE TABLE IF NOT EXISTS audit_records (
         request_id TEXT PRIMARY KEY NOT NULL,
@@ -43,7 +48,26 @@ const MIGRATIONS: &[(i64, &str)] = &[(
     CREATE INDEX IF NOT EXISTS audit_records_time ON audit_records (time_ms DESC, request_id DESC);
     CREATE INDEX IF NOT EXISTS audit_records_category_time ON audit_records (category, time_ms DESC);
     CREATE INDEX IF NOT EXISTS audit_records_conversation ON audit_records (conversation_id);",
-)];
+),
+    (
+    2,
+    "CREATE TABLE IF NOT EXISTS audit_reviews (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        request_id TEXT NOT NULL REFERENCES audit_records (request_id) ON DELETE CASCADE,
+        kind TEXT NOT NULL CHECK (kind IN ('label', 'undo')),
+        label INTEGER,
+        note TEXT,
+        reviewer TEXT NOT NULL,
+        time_ms INTEGER NOT NULL,
+        undoes INTEGER
+    );
+    CREATE INDEX IF NOT EXISTS audit_reviews_record ON audit_reviews (request_id, id);
+    INSERT INTO audit_reviews (request_id, kind, label, note, reviewer, time_ms)
+        SELECT request_id, 'label', review_label, review_note, COALESCE(reviewer, 'unknown'),
+               COALESCE(reviewed_ms, 0)
+        FROM audit_records WHERE review_label IS NOT NULL ORDER BY reviewed_ms, request_id;",
+),
+];
 
 /// Audit records in an SQLite file.
 #[derive(Debug, Clone)]
